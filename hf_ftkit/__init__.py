@@ -1,0 +1,62 @@
+"""hf-ftkit: memory planning, QLoRA fallback, adapter merging and forgetting checks for the HF stack.
+
+Importing the package is cheap: public names load their module (and torch, where needed) on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BadInputError": "hf_ftkit.errors",
+    "DoesNotFitError": "hf_ftkit.errors",
+    "HfFtkitError": "hf_ftkit.errors",
+    "HfFtkitWarning": "hf_ftkit.errors",
+    "ModelNotFoundError": "hf_ftkit.errors",
+    "ModelSpec": "hf_ftkit.planner.spec",
+    "Plan": "hf_ftkit.planner.estimate",
+    "PlanInputs": "hf_ftkit.planner.inputs",
+    "parse_budget": "hf_ftkit.planner.budget",
+    "plan": "hf_ftkit.planner.api",
+    "plan_from_training": "hf_ftkit.planner.from_objects",
+    "resolve_model": "hf_ftkit.planner.resolve",
+    "suggest": "hf_ftkit.planner.suggest",
+    "trace_step": "hf_ftkit.planner.trace",
+    "what_fits": "hf_ftkit.planner.suggest",
+}
+
+__all__ = sorted(["__version__", *_EXPORTS])
+
+if TYPE_CHECKING:
+    from hf_ftkit.errors import (
+        BadInputError,
+        DoesNotFitError,
+        HfFtkitError,
+        HfFtkitWarning,
+        ModelNotFoundError,
+    )
+    from hf_ftkit.planner.api import plan
+    from hf_ftkit.planner.budget import parse_budget
+    from hf_ftkit.planner.estimate import Plan
+    from hf_ftkit.planner.from_objects import plan_from_training
+    from hf_ftkit.planner.inputs import PlanInputs
+    from hf_ftkit.planner.resolve import resolve_model
+    from hf_ftkit.planner.spec import ModelSpec
+    from hf_ftkit.planner.suggest import suggest, what_fits
+    from hf_ftkit.planner.trace import trace_step
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_ftkit' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,67 @@
+"""``hf-ftkit``: the command-line entry point.
+
+Exit codes: 0 ok, 1 the plan does not fit (with ``--check``), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from hf_ftkit.errors import BadInputError, HfFtkitError
+
+EXIT_BAD_INPUT = 2
+
+EXAMPLES = """examples:
+  hf-ftkit plan meta-llama/Llama-3.1-8B --budget 24GiB
+  hf-ftkit plan Qwen/Qwen2.5-7B --method qlora --gradient-checkpointing --budget rtx4090 --json
+  hf-ftkit plan --list-models
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one sentence and exit code 2 without usage noise."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"hf-ftkit: error: {message} (see `{self.prog} --help`).\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from hf_ftkit import __version__
+    from hf_ftkit.cli import plan_cmd
+
+    parser = _Parser(
+        prog="hf-ftkit",
+        description="Memory planning and safer fine-tuning for the Hugging Face stack.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hf-ftkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    plan_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns (and, as a console script, exits with) the exit code."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    console = Console(stderr=False, highlight=False, soft_wrap=False)
+    try:
+        return int(args.func(args, console))
+    except BadInputError as exc:
+        print(f"hf-ftkit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except HfFtkitError as exc:
+        print(f"hf-ftkit: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""``hf-ftkit plan``: parser and a thin runner over :func:`hf_ftkit.plan`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import Any
+
+from rich.console import Console
+
+from hf_ftkit.errors import HfFtkitWarning
+from hf_ftkit.planner.api import plan
+from hf_ftkit.planner.inputs import (
+    ATTN_IMPLS,
+    FSDP_STRATEGIES,
+    METHODS,
+    OFFLOADS,
+    PRECISIONS,
+    SHARDS,
+    PlanInputs,
+)
+from hf_ftkit.planner.resolve import catalog_ids, resolve_model
+from hf_ftkit.planner.suggest import suggest, what_fits
+
+EXIT_DOES_NOT_FIT = 1
+
+EXAMPLES = """examples:
+  hf-ftkit plan meta-llama/Llama-3.1-8B --budget 24GiB
+  hf-ftkit plan meta-llama/Llama-3.1-8B --method qlora --gradient-checkpointing --budget rtx4090
+  hf-ftkit plan Qwen/Qwen2.5-72B --method full --gpus 8 --nodes 2 --shard zero3 --budget h100 --json
+  hf-ftkit plan ./my-checkpoint --method lora --lora-targets q_proj,v_proj --what-fits --budget a100-80gb
+  hf-ftkit plan meta-llama/Llama-3.1-8B --budget 24GiB --plot plan.png
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plan", help="Plan the GPU memory of a fine-tuning run.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Per-device GPU memory of a fine-tuning run, before any weight is downloaded.",
+    )
+    d = PlanInputs()
+    p.add_argument("model", nargs="?", help="hub id, checkpoint directory or config.json path")
+    p.add_argument("--method", choices=METHODS, default=d.method)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="micro-batch per device")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
+    p.add_argument("--grad-accum", type=_positive_int, default=d.gradient_accumulation_steps,
+                   help="gradient accumulation steps (kept when suggesting smaller micro-batches)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optim", default=d.optim, help="TrainingArguments.optim name (default %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--lora-r", type=_positive_int, default=d.lora_r)
+    p.add_argument("--lora-targets", default=d.lora_targets, help="all-linear or q_proj,v_proj,...")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--modules-to-save", default="", help="comma-separated, e.g. embed_tokens,lm_head")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default=d.quant_type)
+    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
+    p.add_argument("--quant-storage", choices=("uint8", "bf16", "fp16", "fp32"), default=d.quant_storage)
+    p.add_argument("--gpus", type=_positive_int, default=d.gpus, help="GPUs per node")
+    p.add_argument("--nodes", type=_positive_int, default=d.nodes)
+    p.add_argument("--shard", choices=SHARDS, default=None, help="default: none on 1 GPU, ddp on several")
+    p.add_argument("--fsdp-strategy", choices=FSDP_STRATEGIES, default=d.fsdp_strategy)
+    p.add_argument("--offload", choices=OFFLOADS, default=d.offload)
+    p.add_argument("--attn-implementation", choices=ATTN_IMPLS, default=d.attn_implementation)
+    p.add_argument("--packing", action="store_true")
+    p.add_argument("--padding-free", action="store_true")
+    p.add_argument("--activation-offloading", action="store_true", help="TRL activation_offloading")
+    p.add_argument("--use-liger-kernel", action="store_true")
+    p.add_argument("--budget", help="24GiB, 24GB, 80G, a GPU name (a100-80gb, h100, rtx4090, ...) or auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE", help="PNG: stacked bars of full/LoRA/DoRA/QLoRA side by side")
+    p.add_argument("--exact", action="store_true", help="trace the full model step (slow; one device)")
+    p.add_argument("--what-fits", action="store_true", help="largest micro-batch / seq len per method")
+    p.add_argument("--check", action="store_true", help=f"exit {EXIT_DOES_NOT_FIT} when the plan does not fit")
+    p.add_argument("--online", action="store_true", help="fetch config.json from the hub if not found offline")
+    p.add_argument("--list-models", action="store_true", help="list the built-in catalog and exit")
+    p.set_defaults(func=run)
+    return p
+
+
+def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
+    world = args.gpus * args.nodes
+    shard: Any = args.shard or ("ddp" if world > 1 else "none")
+    return PlanInputs(
+        method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+        gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+        optim=args.optim, precision=args.precision, lora_r=args.lora_r, lora_targets=args.lora_targets,
+        lora_dropout=args.lora_dropout,
+        modules_to_save=tuple(m.strip() for m in args.modules_to_save.split(",") if m.strip()),
+        quant_type=args.quant_type, double_quant=not args.no_double_quant, quant_storage=args.quant_storage,
+        gpus=args.gpus, nodes=args.nodes, shard=shard, fsdp_strategy=args.fsdp_strategy, offload=args.offload,
+        attn_implementation=args.attn_implementation, packing=args.packing, padding_free=args.padding_free,
+        activation_offloading=args.activation_offloading, use_liger_kernel=args.use_liger_kernel,
+    )
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Plan, print (table or JSON), optionally plot; return the exit code."""
+    if args.list_models:
+        for model_id in catalog_ids():
+            console.print(model_id)
+        return 0
+    if not args.model:
+        from hf_ftkit.errors import BadInputError
+
+        raise BadInputError("MODEL is missing; pass a hub id, a checkpoint directory or a config.json path.")
+    inputs = inputs_from_args(args)
+    spec = resolve_model(args.model, allow_online=args.online)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HfFtkitWarning)
+        result = plan(spec, inputs, budget=args.budget, exact=args.exact)
+    for w in caught:
+        if not issubclass(w.category, HfFtkitWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif not args.json:
+            print(f"warning: {w.message}", file=sys.stderr)
+    result.warnings.clear() if not args.json else None
+    suggestions = suggest(spec, result)
+    fit_rows = what_fits(spec, inputs, result.budget_bytes) if args.what_fits and result.budget_bytes else None
+    if args.plot:
+        _plot(spec, inputs, args, result)
+    if args.json:
+        data = result.to_dict()
+        data["suggestions"] = [
+            {"change": s.label, "settings": s.changes, "peak_bytes": s.peak_bytes, "saves_bytes": s.saves_bytes,
+             "fits": s.fits}
+            for s in suggestions
+        ]
+        if fit_rows is not None:
+            data["what_fits"] = [r.__dict__ for r in fit_rows]
+        print(json.dumps(data, indent=2))
+    else:
+        from hf_ftkit.cli.render import fits_table, print_plan
+
+        print_plan(console, result, suggestions)
+        if fit_rows is not None:
+            console.print(fits_table(fit_rows, result.budget_label or "", inputs.seq_len, inputs.batch_size))
+        elif args.what_fits:
+            console.print("[yellow]--what-fits needs --budget.[/]")
+    if args.check and result.fits is False:
+        return EXIT_DOES_NOT_FIT
+    return 0
+
+
+def _plot(spec: Any, inputs: PlanInputs, args: argparse.Namespace, result: Any) -> None:
+    from hf_ftkit.cli.plot import plot_plans
+
+    plans = {}
+    for method in METHODS:
+        alt = inputs.replace(method=method)
+        plans[method] = plan(spec, alt, budget=args.budget) if method != inputs.method else result
+    title = f"{spec.model_id}: batch {inputs.batch_size} x {inputs.seq_len}, {inputs.precision}, {inputs.optim}"
+    plot_plans(plans, args.plot, title)

@@ -1,0 +1,35 @@
+"""Exceptions and warnings raised by hf-ftkit.
+
+The hierarchy::
+
+    HfFtkitError                  base of every hf-ftkit error
+    ├── BadInputError (ValueError)    a value the user passed is wrong; the CLI exits 2
+    │   └── ModelNotFoundError        no config for MODEL in any place looked in
+    └── DoesNotFitError               a plan exceeds its budget (raised only on request)
+
+    HfFtkitWarning (UserWarning)  something is probably wrong but the plan still stands
+
+Every message is one sentence that names what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class HfFtkitError(Exception):
+    """Base class of every error hf-ftkit raises on purpose."""
+
+
+class BadInputError(HfFtkitError, ValueError):
+    """A user-supplied value is invalid; the message names the field and the fix."""
+
+
+class ModelNotFoundError(BadInputError):
+    """The model's config could not be found in any of the places looked in."""
+
+
+class DoesNotFitError(HfFtkitError):
+    """A plan's peak memory exceeds its budget."""
+
+
+class HfFtkitWarning(UserWarning):
+    """A warning about a questionable but usable input (e.g. a sequence past the model's context)."""

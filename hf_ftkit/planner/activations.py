@@ -1,0 +1,170 @@
+"""Activation memory: what autograd keeps alive between forward and backward, per token.
+
+Each term mirrors a tensor the real modules save (checked against ``saved_tensors_hooks`` dumps
+and ``--exact`` traces): RMSNorm keeps its fp32 upcast and rstd; SDPA/flash attention keeps q, k,
+v, the output and the log-sum-exp; a gated MLP keeps gate, up, act(gate) and their product; the
+loss keeps fp32 log-probabilities over the vocabulary. A frozen linear keeps nothing for its own
+weight, which is why LoRA saves less than full fine-tuning in the same dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.spec import LinearGroup, ModelSpec
+
+
+def compute_bytes(inputs: PlanInputs) -> int:
+    """Bytes per element of activations (autocast dtype, or fp32)."""
+    return 4 if inputs.precision == "fp32" else 2
+
+
+def fp32_master(inputs: PlanInputs) -> bool:
+    """Full fine-tuning with fp32 weights under autocast (bf16-/fp16-mixed)."""
+    return inputs.method == "full" and inputs.precision.endswith("-mixed")
+
+
+def is_gated(spec: ModelSpec) -> bool:
+    names = set(spec.linear_names())
+    return bool(names & {"gate_proj", "w1", "gate_up_proj"}) or spec.is_moe
+
+
+# Linears fed by something other than a norm's output (attention output, MLP product). The rest of a
+# layer's linears read a norm's output; under autocast each of them keeps its own low-precision cast.
+_SECOND_LINEARS = frozenset({"o_proj", "down_proj", "out_proj", "dense", "w2", "fc2", "c_proj", "dense_4h_to_h", "wo"})
+
+
+def norm_fed_linears_per_layer(spec: ModelSpec) -> int:
+    """Decoder linears per layer that read a norm output (q/k/v/gate/up or fused forms)."""
+    per_layer = sum(g.count for g in spec.linears if g.name not in _SECOND_LINEARS) / max(spec.num_layers, 1)
+    return max(int(round(per_layer)), 2)
+
+
+def lora_targets(spec: ModelSpec, inputs: PlanInputs) -> list[LinearGroup]:
+    """Decoder linears a LoRA config wraps (``all-linear`` = every decoder linear)."""
+    if not inputs.is_peft:
+        return []
+    names = inputs.target_names()
+    if names is None:
+        return list(spec.linears)
+    return [g for g in spec.linears if g.name in names]
+
+
+def _norm_bytes(h: int, inputs: PlanInputs, fed_linears: int) -> float:
+    """One RMSNorm/LayerNorm over ``h`` features that feeds ``fed_linears`` linears, per token."""
+    c = compute_bytes(inputs)
+    saved: float = 4.0 * h + 4  # fp32 upcast (kept by pow/mul) + rstd
+    if inputs.use_liger_kernel:
+        saved = c * h + 4  # Liger's kernel keeps the input in its dtype and rstd
+    if inputs.method == "full":
+        master = fp32_master(inputs)
+        saved += (4 if (master or c == 4) else c) * h  # normalized value, for the norm weight's gradient
+        if fed_linears:
+            # the input the linears keep for their weight grads; autocast makes one cast per linear
+            saved += (fed_linears * 2 * h) if master else c * h
+    return saved
+
+
+def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    c = compute_bytes(inputs)
+    q, kv, heads = spec.q_dim, spec.kv_dim, spec.num_heads
+    saved: float = c * q + 2 * c * kv + c * q  # rotated q, rotated k, v, attention output
+    if inputs.attn_implementation == "eager":
+        # scores are materialised: fp32 softmax output + its cast, per head and key position
+        saved += 2 * c * q + (4 + c) * heads * inputs.seq_len
+    else:
+        saved += 4 * heads  # log-sum-exp
+    if spec.qk_norm:
+        saved += 4.0 * (q + kv) + 4 * (heads + spec.num_kv_heads)
+        if inputs.method == "full":
+            saved += c * (q + kv)
+    return saved
+
+
+def _mlp_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    c = compute_bytes(inputs)
+    full = inputs.method == "full"
+    if spec.is_moe:
+        e, k, hi = spec.num_experts, spec.experts_per_token, spec.moe_intermediate_size
+        router = 4 * e * 2  # fp32 router logits and softmax
+        per_expert_token = (4 if full else 3) * c * hi + 2 * c * spec.hidden_size
+        shared = (4 if full else 3) * c * spec.shared_expert_intermediate_size
+        return router + k * per_expert_token + shared
+    i = spec.intermediate_size
+    if is_gated(spec):
+        tensors = 2 if inputs.use_liger_kernel else (4 if full else 3)
+        return tensors * c * i
+    return (2 if full else 1) * c * i
+
+
+def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """What the adapter branches keep per layer: their (dropout) input and the rank-r projection."""
+    c = compute_bytes(inputs)
+    saved = 0.0
+    for g in lora_targets(spec, inputs):
+        per_layer = g.count / spec.num_layers
+        # PEFT casts the input to the adapter dtype per target; lora_A keeps that copy (after dropout),
+        # dropout keeps a one-byte mask
+        per_target = c * g.in_features + (g.in_features if inputs.lora_dropout > 0 else 0)
+        per_target += c * inputs.lora_r  # lora_A output, kept by lora_B
+        if inputs.method == "dora":
+            per_target += 2 * c * g.out_features  # base output and the magnitude-scaled result
+        saved += per_layer * per_target
+    return saved
+
+
+def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """Token-independent activations per layer: DoRA keeps the composed weight and W + BA per target."""
+    if inputs.method != "dora":
+        return 0.0
+    c = compute_bytes(inputs)
+    return sum(2 * c * g.in_features * g.out_features * g.count for g in lora_targets(spec, inputs)) / spec.num_layers
+
+
+def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """Activations one decoder layer keeps per token without checkpointing."""
+    h = spec.hidden_size
+    fed = norm_fed_linears_per_layer(spec)
+    attn_fed = fed - fed // 2  # q,k,v (3 of 5) or fused qkv (1 of 2)
+    post_norms = max(spec.norms_per_layer - 2, 0)
+    total = _norm_bytes(h, inputs, attn_fed) + _norm_bytes(h, inputs, fed - attn_fed)
+    total += post_norms * _norm_bytes(h, inputs, 0)
+    total += _attention_bytes(spec, inputs) + _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs)
+    return total
+
+
+@dataclass(frozen=True)
+class LogitsBytes:
+    """Per-token bytes of the vocabulary-sized tensors of the LM head and the loss."""
+
+    forward_peak: float  # logits + fp32 upcast + log-probs while the loss is computed
+    saved: float  # kept after forward (fp32 log-probs)
+    backward_peak: float  # saved + gradients flowing back at the start of backward
+
+
+def logits_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> LogitsBytes:
+    v = spec.vocab_size
+    if inputs.use_liger_kernel:
+        # fused linear cross-entropy never materialises full logits: only chunks of them
+        return LogitsBytes(forward_peak=0.0, saved=0.0, backward_peak=0.0)
+    c = compute_bytes(inputs)
+    softcap = 2 * c * v if spec.final_logit_softcapping else 0.0
+    upcast = 4 * v if c != 4 else 0.0
+    forward_peak = c * v + upcast + 4 * v + softcap
+    saved = 4 * v + softcap
+    return LogitsBytes(forward_peak=forward_peak, saved=saved, backward_peak=saved + 8 * v)
+
+
+def checkpoint_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """What a checkpointed layer keeps: its input hidden state."""
+    return (4 if (fp32_master(inputs) or compute_bytes(inputs) == 4) else 2) * spec.hidden_size
+
+
+def attention_mask_bytes(inputs: PlanInputs) -> float:
+    """A padded batch gets a materialised (B, 1, S, S) boolean mask; packed/padding-free ones do not."""
+    if inputs.batch_size == 1 or inputs.packing or inputs.padding_free:
+        return 0.0
+    if inputs.attn_implementation == "flash_attention_2":
+        return 0.0
+    return float(inputs.batch_size) * inputs.seq_len * inputs.seq_len

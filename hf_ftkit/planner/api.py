@@ -1,0 +1,90 @@
+"""The planner's public entry points."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from hf_ftkit.errors import BadInputError, HfFtkitWarning
+from hf_ftkit.planner.budget import parse_budget
+from hf_ftkit.planner.estimate import Plan, estimate
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.resolve import resolve_model
+from hf_ftkit.planner.spec import ModelSpec
+
+
+def _as_spec(model: str | ModelSpec, allow_online: bool) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else resolve_model(str(model), allow_online=allow_online)
+
+
+def plan(
+    model: str | ModelSpec,
+    inputs: PlanInputs | None = None,
+    *,
+    budget: str | int | None = None,
+    exact: bool = False,
+    allow_online: bool = False,
+    **overrides: Any,
+) -> Plan:
+    """Plan the per-device GPU memory of a fine-tuning run.
+
+    Args:
+        model: hub id, checkpoint directory, path to config.json, or a resolved ``ModelSpec``.
+        inputs: the run's configuration; fields can also be passed as keyword overrides.
+        budget: ``"24GiB"``, ``"80G"``, a GPU name (``"a100-80gb"``), ``"auto"`` or bytes.
+        exact: trace the full model step under FakeTensorMode instead of the analytic formulas
+            (minutes for large models; single device only).
+        allow_online: fetch config.json from the hub when it is found nowhere offline.
+
+    Example:
+        >>> import hf_ftkit
+        >>> p = hf_ftkit.plan("meta-llama/Llama-3.1-8B", method="qlora", budget="24GiB")
+        >>> p.fits
+        True
+    """
+    try:
+        inputs = (inputs or PlanInputs()).replace(**overrides) if overrides else (inputs or PlanInputs())
+    except TypeError as exc:
+        valid = ", ".join(PlanInputs.field_names())
+        raise BadInputError(f"unknown plan option ({exc}); valid options: {valid}.") from exc
+    spec = _as_spec(model, allow_online)
+    resolved = parse_budget(budget) if budget is not None else None
+    result = estimate(spec, inputs, resolved.bytes if resolved else None, resolved.label if resolved else None)
+    if spec.max_position and inputs.seq_len > spec.max_position:
+        message = (
+            f"--seq-len {inputs.seq_len} is longer than {spec.model_id}'s context of {spec.max_position} tokens; "
+            "the plan assumes the model is extended to it (e.g. RoPE scaling)."
+        )
+        result.warnings.append(message)
+        warnings.warn(message, HfFtkitWarning, stacklevel=2)
+    if exact:
+        result = _exact_plan(spec, result)
+    return result
+
+
+def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
+    """Replace the allocated part of ``analytic`` with a traced step's peak."""
+    from hf_ftkit._data import load
+    from hf_ftkit.planner.structure import config_from_dict
+    from hf_ftkit.planner.trace import trace_step
+
+    inputs = analytic.inputs
+    if inputs.world_size > 1:
+        raise BadInputError("--exact traces one device; drop --gpus/--nodes/--shard or use the analytic plan.")
+    traced = trace_step(config_from_dict(dict(spec.config)), inputs)
+    constants = load("constants")
+    cats = traced.by_category
+    breakdown = {
+        "weights": cats.get("PARAM", 0) + cats.get("BUFFER", 0),
+        "gradients": cats.get("GRAD", 0),
+        "optimizer_states": cats.get("OPT", 0),
+        "activations": cats.get("ACT", 0),
+        "transient": cats.get("TEMP", 0) + cats.get("OTH", 0),
+        "cuda_context": int(constants["cuda_context_bytes"]),
+        "fragmentation": int(constants["fragmentation_fraction"] * traced.peak_bytes),
+    }
+    return Plan(
+        model=spec, inputs=inputs, peak_bytes=sum(breakdown.values()), allocated_peak_bytes=traced.peak_bytes,
+        breakdown=breakdown, peak_phase="traced", trainable_params=analytic.trainable_params,
+        budget_bytes=analytic.budget_bytes, budget_label=analytic.budget_label, warnings=analytic.warnings,
+    )

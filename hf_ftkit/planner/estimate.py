@@ -1,0 +1,226 @@
+"""Assemble a per-device memory plan from model states, activations and sharding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_ftkit._data import load
+from hf_ftkit.planner import activations as act
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.spec import ModelSpec
+from hf_ftkit.planner.states import ModelStates, model_states
+
+# Breakdown keys, in display order. "fixed" lines are not part of what a tracer or
+# torch.cuda.max_memory_allocated sees, but they do take device memory.
+COMPONENTS = (
+    "weights",
+    "adapter_weights",
+    "quant_constants",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "logits_loss",
+    "transient",
+    "sharding_buffers",
+    "cuda_context",
+    "fragmentation",
+)
+FIXED = ("cuda_context", "fragmentation")
+
+
+@dataclass
+class Plan:
+    """A per-device memory plan.
+
+    Attributes:
+        peak_bytes: peak per device, fixed overheads included; what must fit the budget.
+        allocated_peak_bytes: the same without fixed overheads (comparable to
+            ``torch.cuda.max_memory_allocated`` and to a trace).
+        breakdown: bytes per component at the peak (sums to ``peak_bytes``).
+        peak_phase: where the peak happens (``forward``, ``backward``, ``optimizer``).
+        budget_bytes: the budget compared against, if any.
+        inputs: the resolved configuration.
+    """
+
+    model: ModelSpec
+    inputs: PlanInputs
+    peak_bytes: int
+    allocated_peak_bytes: int
+    breakdown: dict[str, int]
+    peak_phase: str
+    trainable_params: int
+    budget_bytes: int | None = None
+    budget_label: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.budget_bytes is None else self.budget_bytes - self.peak_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON schema of ``hf-ftkit plan --json``."""
+        return {
+            "model": self.model.model_id,
+            "peak_bytes": self.peak_bytes,
+            "allocated_peak_bytes": self.allocated_peak_bytes,
+            "peak_phase": self.peak_phase,
+            "breakdown": dict(self.breakdown),
+            "fits": self.fits,
+            "budget_bytes": self.budget_bytes,
+            "budget": self.budget_label,
+            "headroom_bytes": self.headroom_bytes,
+            "trainable_params": self.trainable_params,
+            "total_params": self.model.params_total,
+            "inputs": {"model": self.model.model_id, **self.inputs.to_dict()},
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class _Sharded:
+    weights: float
+    adapter_weights: float
+    quant_constants: float
+    gradients: float
+    optimizer_states: float
+    optimizer_step_temp: float
+    persistent_buffers: float  # DDP buckets
+    gathered: float  # FSDP/ZeRO-3 unsharded units alive during compute
+
+
+def _deepspeed_mixed(inputs: PlanInputs) -> bool:
+    return inputs.shard.startswith("zero") and act.fp32_master(inputs)
+
+
+def _shard(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _Sharded:
+    n = inputs.world_size
+    if inputs.shard == "fsdp" and inputs.fsdp_strategy == "hybrid_shard":
+        n = inputs.gpus
+    w, a, q = states.weights, states.adapter_weights, states.quant_constants
+    g, s, temp = states.gradients, states.optimizer_states, states.optimizer_step_temp
+    buffers = gathered = 0.0
+    if _deepspeed_mixed(inputs):
+        # DeepSpeed keeps bf16 weights and grads on the device and the fp32 master copy with the optimizer.
+        w, g, s = w / 2, g / 2, s + w
+    c = act.compute_bytes(inputs)
+    unit = spec.params_largest_layer
+    if inputs.shard == "ddp":
+        buffers = g  # gradient buckets (gradient_as_bucket_view=False)
+    elif inputs.shard == "zero1":
+        s, temp = s / n, temp / n
+    elif inputs.shard == "zero2" or (inputs.shard == "fsdp" and inputs.fsdp_strategy == "shard_grad_op"):
+        g, s, temp = g / n, s / n, temp / n
+        buffers = 4.0 * spec.hidden_size**2 if inputs.shard == "zero2" else c * unit
+    elif inputs.shard in ("zero3", "fsdp"):
+        w, a, q, g, s, temp = w / n, a / n, q / n, g / n, s / n, temp / n
+        prefetch = load("constants")["fsdp_prefetch_layers"]
+        base_unit_bytes = (0.5 if inputs.method == "qlora" else c) * unit
+        # two layers gathered (current + prefetch) plus the root unit's embedding / lm_head
+        gathered = prefetch * base_unit_bytes + c * (spec.params_embedding + spec.params_lm_head)
+        if inputs.method == "full":
+            gathered += c * unit  # unsharded gradient of the layer being reduced
+    if inputs.offload in ("optimizer", "params"):
+        s, temp = 0.0, 0.0
+        if inputs.shard in ("zero2", "zero3"):
+            g = 0.0  # ZeRO-Offload moves gradient partitions to host memory as well
+    if inputs.offload == "params":
+        w, q = 0.0, 0.0
+    return _Sharded(w, a, q, g, s, temp, buffers, gathered)
+
+
+def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
+    """Per-device activation bytes at the end of forward and the start of backward."""
+    tokens = inputs.batch_size * inputs.seq_len
+    layer = act.layer_bytes_per_token(spec, inputs) * tokens + act.layer_constant_bytes(spec, inputs)
+    logits = act.logits_bytes_per_token(spec, inputs)
+    final_norm = act._norm_bytes(spec.hidden_size, inputs, 1) * tokens
+    embed_out = act.compute_bytes(inputs) * spec.hidden_size * tokens
+    mask = act.attention_mask_bytes(inputs)
+    n = spec.num_layers
+    if inputs.gradient_checkpointing:
+        kept = n * act.checkpoint_bytes_per_token(spec, inputs) * tokens
+        recompute = layer  # one layer is re-run and its activations live during its backward
+    else:
+        kept = n * layer + embed_out
+        recompute = 0.0
+    if inputs.activation_offloading:
+        kept = min(kept, 2 * layer + embed_out)
+    kept += final_norm + mask
+    # Autocast caches a low-precision copy of every fp32 weight for the whole forward.
+    cache = 0.0
+    if act.fp32_master(inputs):
+        cache = 2.0 * (spec.params_linear + spec.params_lm_head + (spec.params_embedding if spec.tie_embeddings else 0))
+    return {
+        "forward": kept + logits.forward_peak * tokens,
+        "forward_cache": cache,
+        "backward": kept + logits.backward_peak * tokens + recompute,
+        "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
+        "layer": layer + recompute,
+    }
+
+
+def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """The embedding backward builds a dense vocabulary x hidden gradient before accumulating it."""
+    if not spec.tie_embeddings:
+        return 0.0  # the fresh gradient simply becomes .grad; only a tied weight accumulates into lm_head's
+    if inputs.method != "full" and not set(inputs.modules_to_save) & {"embed_tokens", "wte"}:
+        return 0.0
+    return (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
+
+
+def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = None,
+             budget_label: str | None = None) -> Plan:
+    """The analytic plan: per-device peak and its breakdown. Pure arithmetic, no torch."""
+    states = model_states(spec, inputs)
+    sh = _shard(states, spec, inputs)
+    phases = _activation_phases(spec, inputs)
+    resident = sh.weights + sh.adapter_weights + sh.quant_constants + sh.optimizer_states + sh.persistent_buffers
+
+    # Candidate peaks: end of forward, start of backward, late backward (grads built up), optimizer step.
+    fwd_transient = phases["forward_cache"]
+    candidates = {
+        "forward": (0.0, phases["forward"], fwd_transient + sh.gathered),
+        "backward": (0.0, phases["backward"], phases["backward_cache"] + sh.gathered),
+        "backward_late": (sh.gradients, phases["layer"], sh.gathered + _embedding_grad_temp(spec, inputs)),
+        "optimizer": (sh.gradients, 0.0, sh.optimizer_step_temp),
+    }
+    phase, (grads, acts, transient) = max(candidates.items(), key=lambda kv: sum(kv[1]))
+    logits = act.logits_bytes_per_token(spec, inputs)
+    tokens = inputs.batch_size * inputs.seq_len
+    logits_part = 0.0
+    if phase == "forward":
+        logits_part = logits.forward_peak * tokens
+    elif phase == "backward":
+        logits_part = logits.backward_peak * tokens
+    allocated = resident + grads + acts + transient
+    constants = load("constants")
+    breakdown = {
+        "weights": sh.weights,
+        "adapter_weights": sh.adapter_weights,
+        "quant_constants": sh.quant_constants,
+        "gradients": grads,
+        "optimizer_states": sh.optimizer_states,
+        "activations": acts - logits_part,
+        "logits_loss": logits_part,
+        "transient": transient - (sh.gathered if phase != "optimizer" else 0.0),
+        "sharding_buffers": sh.persistent_buffers + (sh.gathered if phase != "optimizer" else 0.0),
+        "cuda_context": float(constants["cuda_context_bytes"]),
+        "fragmentation": constants["fragmentation_fraction"] * allocated,
+    }
+    rounded = {k: int(round(v)) for k, v in breakdown.items()}
+    return Plan(
+        model=spec,
+        inputs=inputs,
+        peak_bytes=sum(rounded.values()),
+        allocated_peak_bytes=sum(v for k, v in rounded.items() if k not in FIXED),
+        breakdown=rounded,
+        peak_phase="backward" if phase == "backward_late" else phase,
+        trainable_params=states.trainable_params,
+        budget_bytes=budget_bytes,
+        budget_label=budget_label,
+    )

@@ -1,0 +1,154 @@
+"""Plan from the objects a training script already has: model, TrainingArguments/SFTConfig,
+LoraConfig and BitsAndBytesConfig. Each object's own defaults are respected (``SFTConfig`` turns
+gradient checkpointing and bf16 on; ``TrainingArguments`` does not)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hf_ftkit.errors import BadInputError
+from hf_ftkit.planner.api import plan
+from hf_ftkit.planner.estimate import Plan
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.resolve import resolve_model
+from hf_ftkit.planner.spec import ModelSpec
+
+_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.uint8": "uint8"}
+
+
+def _spec_of(model: Any) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str | Path):
+        return resolve_model(str(model))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None:
+        raise BadInputError("model has no .config; pass a transformers model, a hub id or a config path.")
+    from hf_ftkit.planner.structure import spec_from_config
+
+    name = getattr(config, "_name_or_path", "") or config.model_type
+    return spec_from_config(config, name)
+
+
+def _model_dtype(model: Any) -> str | None:
+    dtype = getattr(model, "dtype", None)
+    return _DTYPE_NAMES.get(str(dtype)) if dtype is not None else None
+
+
+def _deepspeed(args: Any) -> tuple[str, str]:
+    config = getattr(args, "deepspeed", None)
+    if not config:
+        return "none", "none"
+    if isinstance(config, str | Path):
+        config = json.loads(Path(config).read_text())
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offload = "none"
+    if zero.get("offload_param", {}).get("device") in ("cpu", "nvme"):
+        offload = "params"
+    elif zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
+        offload = "optimizer"
+    return (f"zero{stage}" if stage else "ddp"), offload
+
+
+def _fsdp(args: Any) -> tuple[str, str, str] | None:
+    options = [str(getattr(o, "value", o)) for o in (getattr(args, "fsdp", None) or [])]
+    if not options:
+        return None
+    strategy = "full_shard"
+    for name in ("shard_grad_op", "hybrid_shard"):
+        if name in options:
+            strategy = name
+    return "fsdp", strategy, "params" if "offload" in options else "none"
+
+
+def inputs_from_training(
+    args: Any = None, lora_config: Any = None, bnb_config: Any = None, model: Any = None,
+    seq_len: int | None = None, world_size: int | None = None,
+) -> PlanInputs:
+    """A ``PlanInputs`` describing exactly the run these objects configure."""
+    values: dict[str, Any] = {}
+    method = "full"
+    if lora_config is not None:
+        method = "dora" if getattr(lora_config, "use_dora", False) else "lora"
+        targets = lora_config.target_modules
+        values["lora_targets"] = targets if isinstance(targets, str) else ",".join(sorted(targets or []))
+        values["lora_r"] = int(lora_config.r)
+        values["lora_dropout"] = float(lora_config.lora_dropout)
+        values["modules_to_save"] = tuple(lora_config.modules_to_save or ())
+    if bnb_config is not None and getattr(bnb_config, "load_in_4bit", False):
+        if lora_config is None:
+            raise BadInputError(
+                "a 4-bit BitsAndBytesConfig needs a LoraConfig: a quantized base cannot be fully trained."
+            )
+        method = "qlora"
+        values["quant_type"] = bnb_config.bnb_4bit_quant_type
+        values["double_quant"] = bool(bnb_config.bnb_4bit_use_double_quant)
+        values["compute_dtype"] = _DTYPE_NAMES.get(str(bnb_config.bnb_4bit_compute_dtype), "fp32")
+        values["quant_storage"] = _DTYPE_NAMES.get(str(bnb_config.bnb_4bit_quant_storage), "uint8")
+    values["method"] = method
+    if args is not None:
+        values["batch_size"] = int(args.per_device_train_batch_size)
+        values["gradient_accumulation_steps"] = int(args.gradient_accumulation_steps)
+        values["gradient_checkpointing"] = bool(
+            getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        )
+        values["optim"] = str(getattr(args.optim, "value", args.optim))
+        mixed = "bf16" if args.bf16 else ("fp16" if args.fp16 else None)
+        loaded = _model_dtype(model)
+        if mixed is None:
+            values["precision"] = "fp32"
+        elif method == "full" and loaded in ("bf16", "fp16"):
+            values["precision"] = "bf16"  # weights (and so optimizer states) already in half precision
+        else:
+            values["precision"] = f"{mixed}-mixed"
+        values["packing"] = bool(getattr(args, "packing", False))
+        values["padding_free"] = bool(getattr(args, "padding_free", False))
+        values["use_liger_kernel"] = bool(getattr(args, "use_liger_kernel", False))
+        values["activation_offloading"] = bool(getattr(args, "activation_offloading", False))
+        seq_len = seq_len or getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
+        sharding = _fsdp(args)
+        if sharding:
+            values["shard"], values["fsdp_strategy"], values["offload"] = sharding
+        else:
+            values["shard"], values["offload"] = _deepspeed(args)
+        world = world_size or int(getattr(args, "world_size", 1) or 1)
+        values["gpus"] = world
+        if values["shard"] == "none" and world > 1:
+            values["shard"] = "ddp"
+    if seq_len:
+        values["seq_len"] = int(seq_len)
+    return PlanInputs(**values)
+
+
+def plan_from_training(
+    model: Any,
+    args: Any = None,
+    lora_config: Any = None,
+    bnb_config: Any = None,
+    *,
+    seq_len: int | None = None,
+    budget: str | int | None = None,
+    world_size: int | None = None,
+) -> Plan:
+    """Plan the run that ``Trainer``/``SFTTrainer`` would do with these objects.
+
+    Args:
+        model: a transformers model (or PeftModel), a hub id or a config path.
+        args: ``TrainingArguments`` or ``SFTConfig``.
+        lora_config: ``peft.LoraConfig``, if training adapters.
+        bnb_config: ``transformers.BitsAndBytesConfig``, if the base is quantized.
+        seq_len: tokens per sequence; defaults to ``args.max_length`` (SFTConfig) or 2048.
+        budget: as for :func:`hf_ftkit.plan`.
+
+    Example:
+        >>> from trl import SFTConfig
+        >>> from peft import LoraConfig
+        >>> p = plan_from_training("meta-llama/Llama-3.1-8B", SFTConfig(output_dir="out"),
+        ...                        LoraConfig(r=16, target_modules="all-linear"), budget="24GiB")
+    """
+    inputs = inputs_from_training(args, lora_config, bnb_config, model, seq_len, world_size)
+    return plan(_spec_of(model), inputs, budget=budget)

@@ -1,0 +1,125 @@
+"""The configuration a plan describes: one dataclass, readable by ``HfArgumentParser``."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from hf_ftkit._data import load
+from hf_ftkit.errors import BadInputError
+
+Method = Literal["full", "lora", "dora", "qlora"]
+Precision = Literal["fp32", "bf16", "bf16-mixed", "fp16-mixed"]
+Shard = Literal["none", "ddp", "fsdp", "zero1", "zero2", "zero3"]
+FsdpStrategy = Literal["full_shard", "shard_grad_op", "hybrid_shard"]
+Offload = Literal["none", "optimizer", "params"]
+AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
+
+METHODS = ("full", "lora", "dora", "qlora")
+PRECISIONS = ("fp32", "bf16", "bf16-mixed", "fp16-mixed")
+SHARDS = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3")
+FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard")
+OFFLOADS = ("none", "optimizer", "params")
+ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise BadInputError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}{hint}.")
+
+
+@dataclass
+class PlanInputs:
+    """Everything that decides a fine-tuning run's memory, with Trainer/PEFT/bitsandbytes defaults."""
+
+    method: Method = field(default="full", metadata={"help": "full, lora, dora or qlora."})
+    batch_size: int = field(default=1, metadata={"help": "Micro-batch per device (per_device_train_batch_size)."})
+    seq_len: int = field(default=2048, metadata={"help": "Tokens per sequence (max_length)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Does not change peak memory."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    optim: str = field(default="adamw_torch_fused", metadata={"help": "TrainingArguments.optim name."})
+    precision: Precision = field(
+        default="bf16-mixed",
+        metadata={"help": "fp32, bf16 (weights and optimizer states in bf16), bf16-mixed or fp16-mixed."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_targets: str = field(default="all-linear", metadata={"help": "'all-linear' or a comma-separated list."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (>0 keeps a dropout mask)."})
+    modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "Fully trained modules (PEFT)."})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
+    double_quant: bool = field(default=True, metadata={"help": "bnb_4bit_use_double_quant."})
+    compute_dtype: str = field(default="bf16", metadata={"help": "bnb_4bit_compute_dtype: bf16, fp16, fp32."})
+    quant_storage: str = field(default="uint8", metadata={"help": "bnb_4bit_quant_storage (bf16 for FSDP)."})
+    kbit_upcast: bool = field(
+        default=False, metadata={"help": "prepare_model_for_kbit_training's fp32 upcast of non-quantized weights."}
+    )
+    gpus: int = field(default=1, metadata={"help": "GPUs per node."})
+    nodes: int = field(default=1, metadata={"help": "Nodes."})
+    shard: Shard = field(default="none", metadata={"help": "none, ddp, fsdp, zero1, zero2, zero3."})
+    fsdp_strategy: FsdpStrategy = field(default="full_shard", metadata={"help": "FSDP sharding strategy."})
+    offload: Offload = field(default="none", metadata={"help": "CPU offload: none, optimizer, params."})
+    attn_implementation: AttnImpl = field(default="sdpa", metadata={"help": "sdpa, flash_attention_2, eager."})
+    packing: bool = field(default=False, metadata={"help": "Packed sequences (no padding mask)."})
+    padding_free: bool = field(default=False, metadata={"help": "Padding-free batches (no padding mask)."})
+    activation_offloading: bool = field(default=False, metadata={"help": "TRL activation_offloading to CPU."})
+    use_liger_kernel: bool = field(default=False, metadata={"help": "Liger kernels incl. fused linear CE."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``BadInputError`` naming the first invalid field and its fix."""
+        _choice("method", self.method, METHODS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("shard", self.shard, SHARDS)
+        _choice("fsdp_strategy", self.fsdp_strategy, FSDP_STRATEGIES)
+        _choice("offload", self.offload, OFFLOADS)
+        _choice("attn_implementation", self.attn_implementation, ATTN_IMPLS)
+        _choice("quant_type", self.quant_type, QUANT_TYPES)
+        _choice("optim", self.optim, tuple(sorted(load("optimizers")["optimizers"])))
+        for name in ("batch_size", "seq_len", "gradient_accumulation_steps", "lora_r", "gpus", "nodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise BadInputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.shard == "none" and self.world_size > 1:
+            raise BadInputError(
+                f"{self.world_size} GPUs need a --shard strategy (ddp, fsdp, zero1/2/3); pass one or use --gpus 1."
+            )
+        if self.offload != "none" and self.shard not in ("fsdp", "zero1", "zero2", "zero3"):
+            raise BadInputError("--offload needs --shard fsdp or zero1/zero2/zero3; CPU offload is a sharding feature.")
+        if self.offload == "params" and self.shard not in ("fsdp", "zero3"):
+            raise BadInputError("--offload params needs --shard fsdp or zero3, which shard the parameters.")
+        if not self.lora_targets.strip():
+            raise BadInputError("--lora-targets is empty; pass all-linear or module names like q_proj,v_proj.")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method != "full"
+
+    def target_names(self) -> list[str] | None:
+        """LoRA target module names, or None for ``all-linear``."""
+        if self.lora_targets.strip() == "all-linear":
+            return None
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def replace(self, **changes: Any) -> PlanInputs:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["modules_to_save"] = list(self.modules_to_save)
+        return data
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

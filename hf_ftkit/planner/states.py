@@ -1,0 +1,117 @@
+"""Model states: weights, quantization constants, adapters, gradients and optimizer states (bytes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_ftkit._data import load
+from hf_ftkit.planner.activations import fp32_master, lora_targets
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Unsharded per-replica bytes of everything that lives for the whole run."""
+
+    weights: float  # base weights as held on the device (4-bit packed for QLoRA)
+    quant_constants: float  # absmax (and double-quant) constants of 4-bit weights
+    adapter_weights: float  # LoRA/DoRA parameters and modules_to_save copies
+    gradients: float
+    optimizer_states: float
+    optimizer_step_temp: float  # transient while optimizer.step() runs
+    trainable_params: int
+    largest_trainable: int
+
+
+def _weight_bytes(inputs: PlanInputs) -> int:
+    if inputs.precision == "fp32" or fp32_master(inputs):
+        return 4
+    return 2
+
+
+def adapter_params(spec: ModelSpec, inputs: PlanInputs) -> int:
+    """LoRA (and DoRA magnitude) parameters for the configured rank and targets."""
+    total = 0
+    for g in lora_targets(spec, inputs):
+        total += g.count * inputs.lora_r * (g.in_features + g.out_features)
+        if inputs.method == "dora":
+            total += g.count * g.out_features
+    return total
+
+
+def modules_to_save_params(spec: ModelSpec, inputs: PlanInputs) -> int:
+    names = set(inputs.modules_to_save)
+    total = 0
+    if names & {"embed_tokens", "wte", "embeddings"}:
+        total += spec.params_embedding
+    if names & {"lm_head"}:
+        total += spec.params_lm_head or spec.params_embedding
+    return total
+
+
+def _optimizer_bytes(
+    params: int, largest: int, state_param_bytes: int, optim: str, spec: ModelSpec
+) -> tuple[float, float]:
+    """(resident states, step temporaries) for ``params`` trainable parameters."""
+    table = load("optimizers")
+    info = table["optimizers"][optim]
+    kind = info["state_dtype"]
+    if info.get("factored"):
+        # Adafactor keeps a row and a column second moment per matrix: ~ (rows + cols) fp32.
+        h = spec.hidden_size
+        states = 4.0 * params * 2 / max(h, 1)
+        return states, 3 * 4.0 * largest
+    if kind == "int8":
+        per = 1 + 4 / table["block_size_8bit"]
+    elif kind == "fp32":
+        per = 4
+    else:
+        per = state_param_bytes
+    states = info["states"] * per * params
+    temp = 0.0
+    if info["step_temp"] == "foreach":
+        temp = params * state_param_bytes
+    elif info["step_temp"] == "per_param":
+        temp = 2 * 4.0 * largest
+    return states, temp
+
+
+def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
+    """Bytes of weights, adapters, grads and optimizer states for one unsharded replica."""
+    wb = _weight_bytes(inputs)
+    if inputs.method == "full":
+        trainable = spec.params_total
+        matrices = (g.in_features * g.out_features for g in spec.linears)
+        largest = max(spec.params_embedding, spec.params_lm_head, *matrices)
+        states, temp = _optimizer_bytes(trainable, largest, wb, inputs.optim, spec)
+        return ModelStates(
+            weights=wb * spec.params_total, quant_constants=0.0, adapter_weights=0.0,
+            gradients=wb * trainable, optimizer_states=states, optimizer_step_temp=temp,
+            trainable_params=trainable, largest_trainable=largest,
+        )
+    adapters = adapter_params(spec, inputs)
+    saved_modules = modules_to_save_params(spec, inputs)
+    trainable = adapters + saved_modules
+    largest = max([saved_modules] + [g.out_features * inputs.lora_r for g in lora_targets(spec, inputs)] + [1])
+    # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype) even over a bf16 base.
+    adapter_bytes = 4 * adapters + wb * saved_modules
+    base_bytes = 4 if inputs.precision == "fp32" else 2
+    quant = 0.0
+    if inputs.method == "qlora":
+        quantized = spec.params_linear
+        other = spec.params_total - quantized
+        other_bytes = 4 if inputs.kbit_upcast else base_bytes
+        weights = quantized / 2 + other_bytes * other
+        block = load("constants")["nf4_block"]
+        blocks = quantized / block
+        quant = blocks * (1 + 4 / load("constants")["double_quant_block"]) if inputs.double_quant else blocks * 4
+    else:
+        weights = base_bytes * spec.params_total
+    grads = 4.0 * adapters + wb * saved_modules
+    states, temp = _optimizer_bytes(trainable, largest, 4, inputs.optim, spec)
+    return ModelStates(
+        weights=weights, quant_constants=quant, adapter_weights=adapter_bytes, gradients=grads,
+        optimizer_states=states, optimizer_step_temp=temp, trainable_params=trainable,
+        largest_trainable=largest,
+    )

@@ -1,0 +1,110 @@
+"""Build a model on the meta device and read its exact parameter structure (needs torch)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from hf_ftkit.errors import BadInputError
+from hf_ftkit.planner.spec import LinearGroup, ModelSpec, dims_from_config
+
+
+def config_from_dict(config: dict[str, Any]) -> Any:
+    """A ``PretrainedConfig`` from a config.json dict (``model_type`` picks the class)."""
+    from transformers import AutoConfig
+
+    values = dict(config)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise BadInputError("the model config has no 'model_type'; pass the model's full config.json.")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (KeyError, ValueError) as exc:
+        raise BadInputError(
+            f"transformers does not know model_type {model_type!r}; upgrade transformers or pass a known model."
+        ) from exc
+
+
+def build_meta_model(config: Any) -> Any:
+    """Instantiate the causal-LM class for ``config`` on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        except ValueError as exc:
+            raise BadInputError(
+                f"model_type {config.model_type!r} has no causal-LM class in transformers; "
+                "hf-ftkit plans causal language models only."
+            ) from exc
+
+
+def _decoder_layers(model: Any, num_layers: int) -> Any:
+    import torch.nn as nn
+
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, module)
+    return best[1] if best else None
+
+
+def spec_from_model(model: Any, model_id: str) -> ModelSpec:
+    """Read a ``ModelSpec`` off an instantiated (usually meta) causal LM."""
+    import torch.nn as nn
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    dims = dims_from_config(config)
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    head_weight = output.weight if output is not None else None
+    tied = head_weight is None or head_weight is embedding
+    layers = _decoder_layers(model, dims["num_layers"])
+    layer_ids = {id(m) for m in layers.modules()} if layers is not None else set()
+
+    from transformers.pytorch_utils import Conv1D
+
+    groups: Counter[tuple[str, int, int, bool]] = Counter()
+    for name, module in model.named_modules():
+        if id(module) not in layer_ids:
+            continue
+        if isinstance(module, nn.Linear):
+            shape = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out); PEFT treats it as linear
+            shape = (module.weight.shape[0], module.weight.shape[1])
+        else:
+            continue
+        groups[(name.rsplit(".", 1)[-1], *shape, module.bias is not None)] += 1
+    linears = tuple(
+        LinearGroup(name=n, in_features=i, out_features=o, count=c, has_bias=b)
+        for (n, i, o, b), c in sorted(groups.items())
+    )
+    first = layers[0] if layers is not None else None
+    hidden = dims["hidden_size"]
+    norms = [m for m in first.modules() if "norm" in type(m).__name__.lower()] if first is not None else []
+    return ModelSpec(
+        model_id=model_id,
+        params_total=sum(p.numel() for p in model.parameters()),
+        params_embedding=embedding.numel(),
+        params_lm_head=0 if tied or head_weight is None else head_weight.numel(),
+        tie_embeddings=tied,
+        linears=linears,
+        params_largest_layer=max((sum(p.numel() for p in m.parameters()) for m in layers), default=0)
+        if layers is not None
+        else 0,
+        norms_per_layer=sum(1 for m in norms if getattr(m, "weight", None) is not None and m.weight.shape[-1] == hidden)
+        or 2,
+        qk_norm=any(getattr(m, "weight", None) is not None and m.weight.shape[-1] != hidden for m in norms),
+        config=config.to_dict(),
+        **{k: v for k, v in dims.items()},
+    )
+
+
+def spec_from_config(config: Any, model_id: str) -> ModelSpec:
+    """Exact ``ModelSpec`` for a config object or dict, by building the model on meta."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    return spec_from_model(build_meta_model(config), model_id)

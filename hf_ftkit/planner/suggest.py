@@ -1,0 +1,113 @@
+"""What to change when a plan does not fit, and what fits a budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hf_ftkit.planner.estimate import Plan, estimate
+from hf_ftkit.planner.inputs import METHODS, PlanInputs
+from hf_ftkit.planner.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One change to the configuration, the plan it gives, and what it saves per device."""
+
+    label: str
+    changes: dict[str, object]
+    peak_bytes: int
+    saves_bytes: int
+    fits: bool | None
+
+
+def _micro_batch_label(inputs: PlanInputs, batch: int) -> str:
+    accum = inputs.gradient_accumulation_steps * inputs.batch_size // batch
+    return f"micro-batch {batch} + grad accumulation {accum}"
+
+
+def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
+    out: list[tuple[str, dict[str, object]]] = []
+    if not inputs.gradient_checkpointing:
+        out.append(("gradient checkpointing", {"gradient_checkpointing": True}))
+    if inputs.method == "full":
+        out.append(("LoRA", {"method": "lora"}))
+    if inputs.method in ("full", "lora", "dora"):
+        out.append(("QLoRA", {"method": "qlora"}))
+        out.append(("QLoRA + gradient checkpointing", {"method": "qlora", "gradient_checkpointing": True}))
+    if "8bit" not in inputs.optim and inputs.optim not in ("sgd", "adafactor"):
+        out.append(("8-bit AdamW (paged_adamw_8bit)", {"optim": "paged_adamw_8bit"}))
+    if inputs.method == "full" and inputs.precision != "bf16":
+        out.append(("pure bf16 weights and states", {"precision": "bf16"}))
+    if not inputs.use_liger_kernel:
+        out.append(("Liger fused linear cross-entropy", {"use_liger_kernel": True}))
+    if inputs.batch_size > 1:
+        for batch in sorted({max(1, inputs.batch_size // 2), 1}, reverse=True):
+            if batch < inputs.batch_size and inputs.batch_size % batch == 0:
+                out.append((_micro_batch_label(inputs, batch), {
+                    "batch_size": batch,
+                    "gradient_accumulation_steps": inputs.gradient_accumulation_steps * inputs.batch_size // batch,
+                }))
+    if inputs.world_size > 1 and inputs.shard in ("ddp", "zero1", "zero2"):
+        out.append(("ZeRO-3 / FSDP full shard", {"shard": "zero3"}))
+    if inputs.world_size > 1 and inputs.shard in ("zero2", "zero3", "fsdp") and inputs.offload == "none":
+        out.append(("CPU offload of optimizer states", {"offload": "optimizer"}))
+    return out
+
+
+def suggest(spec: ModelSpec, plan: Plan, limit: int = 6) -> list[Suggestion]:
+    """Changes that lower the peak, largest saving first; those that make it fit come first."""
+    result = []
+    for label, changes in _candidates(plan.inputs):
+        alt = estimate(spec, plan.inputs.replace(**changes), plan.budget_bytes, plan.budget_label)
+        saves = plan.peak_bytes - alt.peak_bytes
+        if saves > 0:
+            result.append(Suggestion(label, changes, alt.peak_bytes, saves, alt.fits))
+    result.sort(key=lambda s: (not s.fits, -s.saves_bytes))
+    return result[:limit]
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """For one method: the largest micro-batch at the plan's sequence length, and the longest sequence at its batch."""
+
+    method: str
+    gradient_checkpointing: bool
+    max_batch_size: int
+    max_seq_len: int
+
+
+def _largest(fits: Callable[[int], bool], ceiling: int) -> int:
+    """Largest n in [1, ceiling] with fits(n), assuming monotonicity; 0 when even 1 does not fit."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 1
+    while hi < ceiling and fits(min(hi * 2, ceiling)):
+        hi = min(hi * 2, ceiling)
+        lo = hi
+    if hi == ceiling:
+        return ceiling
+    hi = min(hi * 2, ceiling)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def what_fits(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int, max_batch: int = 1024,
+              max_seq: int | None = None) -> list[FitRow]:
+    """For each method with and without checkpointing, the largest batch and sequence length that fit."""
+    seq_cap = max_seq or max(spec.max_position or 0, inputs.seq_len, 2048)
+    rows = []
+    for method in METHODS:
+        for gc in (False, True):
+            base = inputs.replace(method=method, gradient_checkpointing=gc)
+
+            def fits_batch(b: int, base: PlanInputs = base) -> bool:
+                return estimate(spec, base.replace(batch_size=b)).peak_bytes <= budget_bytes
+
+            def fits_seq(s: int, base: PlanInputs = base) -> bool:
+                return estimate(spec, base.replace(seq_len=s)).peak_bytes <= budget_bytes
+
+            rows.append(FitRow(method, gc, _largest(fits_batch, max_batch), _largest(fits_seq, seq_cap)))
+    return rows

@@ -1,0 +1,273 @@
+"""Measure a training step's peak memory by tracing it under ``FakeTensorMode`` (``--exact``).
+
+No memory is allocated and no weight is read: the model is built on the meta device, moved to
+fake CPU tensors, and two full optimizer steps run under ``MemTracker``. The second step's peak is
+the steady state (optimizer states exist while activations are alive).
+
+Two contained workarounds:
+
+* ``MemTracker`` registers a grad hook on every parameter, which fails for frozen ones; frozen
+  parameters get a no-op entry in its handle table so it skips them.
+* bitsandbytes' ``Params4bit`` cannot wrap a FakeTensor, so QLoRA's 4-bit linears are stood in
+  for by :class:`_Fake4bitLinear`, which holds the same packed bytes and quantization constants
+  and calls bitsandbytes' own ``matmul_4bit`` (whose ops have fake kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from hf_ftkit.planner.inputs import PlanInputs
+
+_CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Peak bytes of one traced training step, total and by MemTracker category."""
+
+    peak_bytes: int
+    by_category: dict[str, int]
+
+
+class _NoHandle:
+    def remove(self) -> None:
+        return None
+
+
+def _peak_only_tracker() -> Any:
+    """A ``MemTracker`` that keeps the device peak only.
+
+    The stock tracker refreshes every module's peak on every op (O(ops x modules)), which makes a
+    30-layer step take minutes; the device-wide peak is all a plan needs.
+    """
+    from copy import deepcopy
+
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakOnlyTracker(MemTracker):
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = deepcopy(snap)
+
+    return PeakOnlyTracker()
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}[name]
+
+
+def _weight_dtype(inputs: PlanInputs) -> Any:
+    import torch
+
+    if inputs.precision == "fp32" or (inputs.method == "full" and inputs.precision.endswith("-mixed")):
+        return torch.float32
+    return torch.float16 if inputs.precision == "fp16-mixed" else torch.bfloat16
+
+
+
+def _make_4bit_class() -> Any:
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import QuantState
+
+    class Fake4bitLinear(torch.nn.Module):
+        """Memory stand-in for ``bnb.nn.Linear4bit``: packed 4-bit weight + absmax, real bnb matmul."""
+
+        def __init__(self, linear: torch.nn.Linear, inputs: PlanInputs, block: int) -> None:
+            super().__init__()
+            out_f, in_f = linear.weight.shape
+            self.in_features, self.out_features = in_f, out_f
+            storage = _dtype(inputs.quant_storage)
+            packed = (out_f * in_f + 1) // 2 // storage.itemsize
+            self.weight = torch.nn.Parameter(
+                torch.empty(packed, 1, dtype=storage, device="meta"), requires_grad=False
+            )
+            blocks = -(-out_f * in_f // block)
+            if inputs.double_quant:
+                self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device="meta"))
+                self.register_buffer("absmax2", torch.empty(-(-blocks // 256), dtype=torch.float32, device="meta"))
+            else:
+                self.register_buffer("absmax", torch.empty(blocks, dtype=torch.float32, device="meta"))
+            self.bias = linear.bias
+            self._shape = (out_f, in_f)
+            self._block = block
+            self._quant_type = inputs.quant_type
+            self._compute = _dtype(inputs.compute_dtype)
+            self._nested = inputs.double_quant
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            code = torch.zeros(16, dtype=torch.float32)
+            if self._nested:
+                state2 = QuantState(absmax=self.absmax2, code=torch.zeros(256), blocksize=256, dtype=torch.float32)
+                qs = QuantState(
+                    absmax=self.absmax, shape=torch.Size(self._shape), code=code, blocksize=self._block,
+                    quant_type=self._quant_type, dtype=self._compute, offset=torch.zeros(()), state2=state2,
+                )
+            else:
+                qs = QuantState(
+                    absmax=self.absmax, shape=torch.Size(self._shape), code=code, blocksize=self._block,
+                    quant_type=self._quant_type, dtype=self._compute,
+                )
+            weight = self.weight.view(torch.uint8) if self.weight.dtype != torch.uint8 else self.weight
+            return bnb.matmul_4bit(x.to(self._compute), weight.t(), bias=self.bias, quant_state=qs)
+
+    return Fake4bitLinear
+
+
+def _quantize_linears(model: Any, inputs: PlanInputs) -> None:
+    """Replace every decoder nn.Linear (LoRA base layers included) by the 4-bit stand-in."""
+    import torch
+
+    from hf_ftkit._data import load
+
+    fake_cls = _make_4bit_class()
+    block = int(load("constants")["nf4_block"])
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not head and not _is_adapter(name):
+                setattr(parent, name, fake_cls(child, inputs, block))
+
+
+def _is_adapter(name: str) -> bool:
+    return name.startswith("lora_") or name in {"default"}
+
+
+def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
+    """The model exactly as the run would hold it (method, dtype, GC), on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = "eager" if inputs.attn_implementation == "eager" else "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_weight_dtype(inputs))
+    if inputs.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if inputs.is_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = inputs.target_names() or "all-linear"
+        lora = LoraConfig(
+            r=inputs.lora_r, lora_alpha=2 * inputs.lora_r, lora_dropout=inputs.lora_dropout,
+            target_modules=targets, use_dora=inputs.method == "dora",
+            modules_to_save=list(inputs.modules_to_save) or None, task_type="CAUSAL_LM",
+        )
+        if inputs.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+        if inputs.method == "qlora":
+            _quantize_linears(model, inputs)
+    model.train()
+    return model
+
+
+def _make_optimizer(model: Any, inputs: PlanInputs) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir="/nonexistent", optim=inputs.optim, use_cpu=True, report_to=[])
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if inputs.optim in ("adamw_torch", "adamw_hf", "adagrad", "rmsprop"):
+        kwargs["foreach"] = True  # the CUDA default; CPU would pick the per-tensor loop
+    if inputs.optim == "adamw_torch_fused":
+        kwargs["fused"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    # bitsandbytes builds its quantile maps from real values at construction; states stay fake.
+    with unset_fake_temporarily():
+        return cls(params, **kwargs)
+
+
+@contextmanager
+def _cuda_style_dropout() -> Iterator[None]:
+    """Make dropout keep a one-byte mask, as CUDA's fused kernel does.
+
+    On CPU, ``F.dropout`` multiplies by a noise tensor in the input dtype and keeps that (4 bytes
+    per element for fp32), which would overstate what a GPU run holds.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    original = F.dropout
+
+    def dropout(x: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+        if not training or p == 0.0:
+            return x
+        return torch.ops.aten.native_dropout(x, p, True)[0]
+
+    F.dropout = dropout  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.dropout = original
+
+
+@contextmanager
+def _grouped_mm_bf16_only() -> Iterator[None]:
+    """Route MoE experts with non-bf16 weights to transformers' grouped-mm fallback.
+
+    ``grouped_mm`` (CUDA and fake kernels alike) takes bf16 only; fp32 master weights of a mixed
+    precision full fine-tune go through the fallback op, as they would have to on a GPU.
+    """
+    try:
+        from transformers.integrations import moe
+    except ImportError:  # pragma: no cover - older transformers without the MoE integration
+        yield
+        return
+    original = moe._can_use_grouped_mm
+
+    def can_use(input: Any, weight: Any, offs: Any) -> bool:
+        import torch
+
+        return bool(weight.dtype == torch.bfloat16 and input.dtype == torch.bfloat16 and original(input, weight, offs))
+
+    moe._can_use_grouped_mm = can_use
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = original
+
+
+def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
+    """Peak memory of a training step of ``config`` under ``inputs``, traced without allocating.
+
+    Sharding is not traced: the result is a single-device step (``gpus=1``).
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    model = build_traced_model(config, inputs)
+    # Trainer autocasts whenever bf16/fp16 is on, also over a model loaded in bf16.
+    autocast = inputs.precision != "fp32"
+    amp_dtype = torch.float16 if inputs.precision == "fp16-mixed" else torch.bfloat16
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        # to_empty() replaces each module's parameters one by one, which unties shared weights.
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
+        optimizer = _make_optimizer(model, inputs)
+        tracker = _peak_only_tracker()
+        for param in model.parameters():
+            if not param.requires_grad:
+                tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
+        tracker.track_external(model, optimizer)
+        with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
+            for _ in range(steps):
+                ids = torch.zeros((inputs.batch_size, inputs.seq_len), dtype=torch.long)
+                with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                tracker.reset_mod_stats()
+        snapshot = tracker.get_tracker_snapshot("peak")
+    per_device = next(iter(snapshot.values()))
+    by_category = {str(k).rsplit(".", 1)[-1]: int(v) for k, v in per_device.items() if str(k) != "Total"}
+    return TraceResult(peak_bytes=int(per_device["Total"]), by_category=by_category)

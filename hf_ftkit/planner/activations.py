@@ -66,13 +66,25 @@ def _norm_bytes(h: int, inputs: PlanInputs, fed_linears: int) -> float:
     return saved
 
 
+def effective_attention(spec: ModelSpec, inputs: PlanInputs) -> str:
+    """The attention implementation transformers will really use for this model."""
+    impl = inputs.attn_implementation
+    if impl == "sdpa" and not spec.supports_sdpa:
+        return "eager"
+    if impl == "flash_attention_2" and not spec.supports_flash_attn:
+        return "sdpa" if spec.supports_sdpa else "eager"
+    return impl
+
+
 def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     c = compute_bytes(inputs)
     q, kv, heads = spec.q_dim, spec.kv_dim, spec.num_heads
     saved: float = c * q + 2 * c * kv + c * q  # rotated q, rotated k, v, attention output
-    if inputs.attn_implementation == "eager":
+    if effective_attention(spec, inputs) == "eager":
         # scores are materialised: fp32 softmax output + its cast, per head and key position
         saved += 2 * c * q + (4 + c) * heads * inputs.seq_len
+        if spec.config.get("attn_logit_softcapping"):
+            saved += c * heads * inputs.seq_len  # tanh of the capped scores
     else:
         saved += 4 * heads  # log-sum-exp
     if spec.qk_norm:
@@ -115,11 +127,21 @@ def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 
 
 def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
-    """Token-independent activations per layer: DoRA keeps the composed weight and W + BA per target."""
-    if inputs.method != "dora":
+    """Token-independent activations per layer.
+
+    Under autocast every fp32 adapter weight is used through a cached low-precision copy that the
+    backward keeps; DoRA also keeps the composed weight and W + BA per target.
+    """
+    targets = lora_targets(spec, inputs)
+    if not targets:
         return 0.0
     c = compute_bytes(inputs)
-    return sum(2 * c * g.in_features * g.out_features * g.count for g in lora_targets(spec, inputs)) / spec.num_layers
+    total = 0.0
+    if inputs.precision != "fp32":
+        total += sum(2 * inputs.lora_r * (g.in_features + g.out_features) * g.count for g in targets)
+    if inputs.method == "dora":
+        total += sum(2 * c * g.in_features * g.out_features * g.count for g in targets)
+    return total / spec.num_layers
 
 
 def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:

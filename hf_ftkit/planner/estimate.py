@@ -105,8 +105,9 @@ def _shard(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _Sharded
     g, s, temp = states.gradients, states.optimizer_states, states.optimizer_step_temp
     buffers = gathered = 0.0
     if _deepspeed_mixed(inputs):
-        # DeepSpeed keeps bf16 weights and grads on the device and the fp32 master copy with the optimizer.
-        w, g, s = w / 2, g / 2, s + w
+        # DeepSpeed keeps bf16 weights and grads on the device; the optimizer partition holds the fp32
+        # master weights and an fp32 gradient copy beside the Adam states (its estimators' 16 B/param).
+        w, g, s = w / 2, g / 2, s + 2 * w
     c = act.compute_bytes(inputs)
     unit = spec.params_largest_layer
     if inputs.shard == "ddp":
@@ -114,7 +115,9 @@ def _shard(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _Sharded
     elif inputs.shard == "zero1":
         s, temp = s / n, temp / n
     elif inputs.shard == "zero2" or (inputs.shard == "fsdp" and inputs.fsdp_strategy == "shard_grad_op"):
-        g, s, temp = g / n, s / n, temp / n
+        # DeepSpeed ZeRO-2 keeps a full low-precision gradient buffer (contiguous_gradients) while reducing
+        g = g if _deepspeed_mixed(inputs) else g / n
+        s, temp = s / n, temp / n
         buffers = 4.0 * spec.hidden_size**2 if inputs.shard == "zero2" else c * unit
     elif inputs.shard in ("zero3", "fsdp"):
         w, a, q, g, s, temp = w / n, a / n, q / n, g / n, s / n, temp / n
@@ -144,10 +147,8 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     n = spec.num_layers
     if inputs.gradient_checkpointing:
         kept = n * act.checkpoint_bytes_per_token(spec, inputs) * tokens
-        recompute = layer  # one layer is re-run and its activations live during its backward
     else:
         kept = n * layer + embed_out
-        recompute = 0.0
     if inputs.activation_offloading:
         kept = min(kept, 2 * layer + embed_out)
     kept += final_norm + mask
@@ -158,9 +159,10 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     return {
         "forward": kept + logits.forward_peak * tokens,
         "forward_cache": cache,
-        "backward": kept + logits.backward_peak * tokens + recompute,
+        # the loss's gradients are freed before the first checkpointed layer is recomputed
+        "backward": kept + logits.backward_peak * tokens,
         "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
-        "layer": layer + recompute,
+        "layer": layer + (kept if inputs.gradient_checkpointing else 0.0),
     }
 
 

@@ -88,6 +88,8 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     sliding_window: int | None = None
     final_logit_softcapping: bool = False
+    supports_sdpa: bool = True
+    supports_flash_attn: bool = True
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -117,6 +119,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("config")
+        data["linears"] = list(data["linears"])  # JSON shape
         return data
 
     @classmethod

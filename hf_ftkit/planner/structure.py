@@ -98,6 +98,8 @@ def spec_from_model(model: Any, model_id: str) -> ModelSpec:
         norms_per_layer=sum(1 for m in norms if getattr(m, "weight", None) is not None and m.weight.shape[-1] == hidden)
         or 2,
         qk_norm=any(getattr(m, "weight", None) is not None and m.weight.shape[-1] != hidden for m in norms),
+        supports_sdpa=bool(getattr(model, "_supports_sdpa", True)),
+        supports_flash_attn=bool(getattr(model, "_supports_flash_attn", True)),
         config=config.to_dict(),
         **{k: v for k, v in dims.items()},
     )

@@ -145,8 +145,11 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
     """The model exactly as the run would hold it (method, dtype, GC), on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config._attn_implementation = "eager" if inputs.attn_implementation == "eager" else "sdpa"
+    supported = bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", True))
+    # flash-attention keeps what SDPA's fused kernels keep (output + log-sum-exp): trace it as sdpa
+    config._attn_implementation = "sdpa" if supported and inputs.attn_implementation != "eager" else "eager"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_weight_dtype(inputs))
     if inputs.gradient_checkpointing:

@@ -1,0 +1,5 @@
+"""Helpers for tests and examples that need a real pretrained model without a hub."""
+
+from hf_ftkit.testing.smollm2 import smollm2_path
+
+__all__ = ["smollm2_path"]

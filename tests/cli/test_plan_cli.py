@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_ftkit.cli.main import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_schema(capsys):
+    code, out, _ = run(capsys, "plan", "meta-llama/Llama-3.1-8B", "--method", "qlora", "--budget", "24GiB", "--json",
+                       "--gradient-checkpointing")
+    data = json.loads(out)
+    assert code == 0
+    for key in ("peak_bytes", "breakdown", "fits", "inputs", "suggestions", "budget_bytes", "headroom_bytes"):
+        assert key in data
+    assert data["fits"] is True and data["inputs"]["method"] == "qlora"
+    assert sum(data["breakdown"].values()) == data["peak_bytes"]
+
+
+def test_table_shows_breakdown_verdict_and_suggestions(capsys):
+    code, out, _ = run(capsys, "plan", "meta-llama/Llama-3.1-8B", "--budget", "24GiB")
+    assert code == 0
+    for text in ("optimizer states", "peak per device", "does NOT fit", "QLoRA", "gradient checkpointing"):
+        assert text in out
+
+
+def test_check_exits_1_when_it_does_not_fit(capsys):
+    code, _, _ = run(capsys, "plan", "meta-llama/Llama-3.1-8B", "--budget", "24GiB", "--check")
+    assert code == 1
+    code, _, _ = run(capsys, "plan", "meta-llama/Llama-3.1-8B", "--method", "qlora", "--gradient-checkpointing",
+                     "--budget", "24GiB", "--check")
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--budget", "24 bananas"], "--budget"),
+        (["--optim", "adamw_turbo"], "--optim"),
+        (["--method", "lorax"], "--method"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--seq-len", "-1"], "--seq-len"),
+        (["--budget", "rtx9999"], "known GPUs"),
+    ],
+)
+def test_bad_input_exits_2_with_one_sentence(capsys, argv, needle):
+    code, out, err = run(capsys, "plan", "meta-llama/Llama-3.1-8B", *argv)
+    assert code == 2
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_argparse_errors_exit_2_and_help_exits_0(capsys):
+    assert main(["plan", "meta-llama/Llama-3.1-8B", "--method", "lorax"]) == 2
+    assert main(["--help"]) == 0
+    assert "hf-ftkit" in capsys.readouterr().out
+
+
+def test_unknown_model_offline(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(capsys, "plan", "someone/not-a-model")
+    assert code == 2 and "catalog" in err and "config.json" in err
+
+
+def test_seq_len_past_context_warns(capsys):
+    code, _, err = run(capsys, "plan", "openai-community/gpt2", "--seq-len", "4096")
+    assert code == 0 and "context of 1024" in err
+
+
+def test_what_fits_and_list_models(capsys):
+    code, out, _ = run(capsys, "plan", "Qwen/Qwen2.5-7B", "--budget", "a100-80gb", "--what-fits", "--json")
+    rows = json.loads(out)["what_fits"]
+    assert code == 0 and {r["method"] for r in rows} == {"full", "lora", "dora", "qlora"}
+    code, out, _ = run(capsys, "plan", "--list-models")
+    assert "meta-llama/Llama-3.1-405B" in out
+
+
+def test_plot_writes_a_png(capsys, tmp_path):
+    target = tmp_path / "plan.png"
+    code, _, _ = run(capsys, "plan", "meta-llama/Llama-3.1-8B", "--budget", "h100", "--plot", str(target))
+    assert code == 0 and target.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run(capsys, "plan", "meta-llama/Llama-3.1-8B", "--plot", str(tmp_path / "no" / "x.png"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_console_script_and_help_examples():
+    out = subprocess.run([sys.executable, "-m", "hf_ftkit.cli.main", "plan", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "examples:" in out and "--budget" in out
+    done = subprocess.run(["hf-ftkit", "plan", "meta-llama/Llama-3.1-405B", "--json"], capture_output=True,
+                          text=True, check=True)
+    assert json.loads(done.stdout)["model"] == "meta-llama/Llama-3.1-405B"

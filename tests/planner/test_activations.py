@@ -1,0 +1,60 @@
+"""Per-layer activation bytes against the tensors autograd really saves (saved_tensors_hooks)."""
+
+import pytest
+import torch
+
+from hf_ftkit.planner import activations as act
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.structure import config_from_dict, spec_from_config
+from hf_ftkit.planner.trace import build_traced_model
+
+TOKENS = 64
+
+
+def _saved_bytes(config: dict, inputs: PlanInputs, layers: int) -> int:
+    """Bytes of distinct non-parameter storages autograd saves in one forward (fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = build_traced_model(config_from_dict({**config, "num_hidden_layers": layers}), inputs)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen.setdefault(storage._cdata, storage.nbytes())
+        return t
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        ids = torch.zeros((1, TOKENS), dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inputs.precision != "fp32"):
+                model(input_ids=ids, labels=ids)
+    return sum(size for key, size in seen.items() if key not in params)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": "full", "precision": "bf16"},
+        {"method": "full", "precision": "fp32"},
+        {"method": "lora", "lora_dropout": 0.0},
+        {"method": "lora", "lora_targets": "q_proj,v_proj", "lora_dropout": 0.0},
+        {"method": "full", "precision": "bf16", "attn_implementation": "eager"},
+    ],
+)
+def test_layer_bytes_match_saved_tensors(tiny_llama_config, changes):
+    inputs = PlanInputs(seq_len=TOKENS, **changes)
+    traced = (_saved_bytes(tiny_llama_config, inputs, 2) - _saved_bytes(tiny_llama_config, inputs, 1)) / TOKENS
+    spec = spec_from_config(dict(tiny_llama_config), "tiny")
+    planned = act.layer_bytes_per_token(spec, inputs) + act.layer_constant_bytes(spec, inputs) / TOKENS
+    assert planned == pytest.approx(traced, rel=0.02)
+
+
+def test_logits_dominate_for_large_vocabularies():
+    from hf_ftkit.planner.resolve import resolve_model
+
+    spec = resolve_model("google/gemma-2-2b")
+    logits = act.logits_bytes_per_token(spec, PlanInputs())
+    assert logits.backward_peak > 12 * spec.vocab_size  # fp32 log-probs + grads, plus softcapping
+    assert act.logits_bytes_per_token(spec, PlanInputs(use_liger_kernel=True)).backward_peak == 0

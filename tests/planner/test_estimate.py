@@ -1,0 +1,120 @@
+"""Model-state arithmetic against what PEFT, bitsandbytes and torch actually build."""
+
+import pytest
+import torch
+
+from hf_ftkit.planner.estimate import estimate
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.resolve import resolve_model
+from hf_ftkit.planner.states import adapter_params, model_states
+
+
+def _meta_model(config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+
+
+@pytest.mark.parametrize(
+    ("targets", "dora"), [("all-linear", False), ("q_proj,v_proj", False), ("all-linear", True)]
+)
+def test_adapter_parameters_equal_peft(tiny_llama_config, tiny_llama_spec, targets, dora):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        _meta_model(tiny_llama_config),
+        LoraConfig(r=8, target_modules=targets if targets == "all-linear" else targets.split(","), use_dora=dora),
+    )
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    inputs = PlanInputs(method="dora" if dora else "lora", lora_r=8, lora_targets=targets)
+    assert adapter_params(tiny_llama_spec, inputs) == trainable
+
+
+def test_full_finetune_model_states_are_16_bytes_per_param_with_fused_adamw(tiny_llama_spec):
+    p = tiny_llama_spec.params_total
+    states = model_states(tiny_llama_spec, PlanInputs(method="full", precision="bf16-mixed"))
+    assert (states.weights, states.gradients, states.optimizer_states) == (4 * p, 4 * p, 8 * p)
+    assert states.optimizer_step_temp == 0
+    pure = model_states(tiny_llama_spec, PlanInputs(method="full", precision="bf16", optim="adamw_torch"))
+    assert (pure.weights, pure.optimizer_states, pure.optimizer_step_temp) == (2 * p, 4 * p, 2 * p)
+
+
+def test_optimizer_state_sizes_order(tiny_llama_spec):
+    def states(optim: str) -> float:
+        return model_states(tiny_llama_spec, PlanInputs(optim=optim)).optimizer_states
+
+    assert states("sgd") == 0
+    assert states("adamw_bnb_8bit") == states("paged_adamw_8bit") < states("lion_32bit") < states("adamw_torch")
+    assert states("lion_8bit") == pytest.approx(states("adamw_8bit") / 2)
+    assert 0 < states("adafactor") < states("lion_8bit")
+
+
+@pytest.mark.slow
+def test_qlora_weight_bytes_equal_a_real_bitsandbytes_model(tmp_path, tiny_llama_config, tiny_llama_spec):
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config)).save_pretrained(tmp_path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map="cpu")
+    real = 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            real += param.numel() * param.element_size()
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            real += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                real += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    planned = model_states(tiny_llama_spec, PlanInputs(method="qlora", lora_targets="all-linear"))
+    assert planned.weights + planned.quant_constants == pytest.approx(real, rel=0.01)
+
+
+def test_sharding_divides_what_each_strategy_shards():
+    spec = resolve_model("meta-llama/Llama-3.1-8B")
+    single = estimate(spec, PlanInputs(method="full", gradient_checkpointing=True))
+    zero3 = estimate(spec, PlanInputs(method="full", gradient_checkpointing=True, gpus=8, shard="zero3"))
+    # DeepSpeed's partition: fp32 master weights + Adam m, v + an fp32 gradient copy = 16 B/param
+    assert zero3.breakdown["optimizer_states"] == pytest.approx(16 * spec.params_total / 8, rel=1e-6)
+    assert zero3.breakdown["weights"] == pytest.approx(2 * spec.params_total / 8, rel=1e-6)
+    ddp = estimate(spec, PlanInputs(method="lora", gpus=2, shard="ddp"))
+    lora = estimate(spec, PlanInputs(method="lora"))
+    assert ddp.breakdown["sharding_buffers"] == model_states(spec, PlanInputs(method="lora")).gradients
+    assert ddp.peak_bytes > lora.peak_bytes
+    fsdp = estimate(spec, PlanInputs(method="full", gpus=8, nodes=2, shard="fsdp", gradient_checkpointing=True))
+    hybrid = fsdp.inputs.replace(fsdp_strategy="hybrid_shard")
+    assert estimate(spec, hybrid).peak_bytes > fsdp.peak_bytes  # shards over 8, not 16
+    offload = estimate(spec, PlanInputs(method="full", gpus=8, shard="zero3", offload="optimizer"))
+    assert offload.breakdown["optimizer_states"] == 0
+    assert zero3.peak_bytes < single.peak_bytes
+
+
+def test_memory_features_lower_the_peak():
+    spec = resolve_model("meta-llama/Llama-3.1-8B")
+    base = PlanInputs(method="lora", batch_size=4, seq_len=4096)
+    peak = estimate(spec, base).peak_bytes
+    for change in ({"gradient_checkpointing": True}, {"use_liger_kernel": True}, {"activation_offloading": True}):
+        assert estimate(spec, base.replace(**change)).peak_bytes < peak, change
+    assert estimate(spec, base.replace(use_liger_kernel=True)).breakdown["logits_loss"] == 0
+    padded = estimate(spec, base).breakdown["activations"]
+    packed = estimate(spec, base.replace(packing=True)).breakdown["activations"]
+    assert padded - packed == 4 * 4096 * 4096  # the (B, 1, S, S) boolean mask of a padded batch
+
+
+def test_method_order_and_linear_scaling_in_tokens():
+    spec = resolve_model("Qwen/Qwen2.5-7B")
+    peaks = {m: estimate(spec, PlanInputs(method=m)).peak_bytes for m in ("full", "lora", "qlora")}
+    assert peaks["qlora"] < peaks["lora"] < peaks["full"]
+    one = estimate(spec, PlanInputs(method="qlora", batch_size=1)).breakdown["activations"]
+    four = estimate(spec, PlanInputs(method="qlora", batch_size=4)).breakdown["activations"]
+    assert four == pytest.approx(4 * one, rel=0.01)
+
+
+def test_breakdown_sums_to_peak_and_fixed_costs_are_separate_lines():
+    plan = estimate(resolve_model("meta-llama/Llama-3.2-1B"), PlanInputs(method="lora"))
+    assert sum(plan.breakdown.values()) == plan.peak_bytes
+    assert plan.breakdown["cuda_context"] > 0 and plan.breakdown["fragmentation"] > 0
+    assert plan.allocated_peak_bytes == plan.peak_bytes - plan.breakdown["cuda_context"] - plan.breakdown[
+        "fragmentation"]

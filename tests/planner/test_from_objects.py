@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from hf_ftkit.errors import BadInputError
+from hf_ftkit.planner.from_objects import inputs_from_training, plan_from_training
+
+
+def test_sft_config_defaults_turn_on_checkpointing_and_bf16(tmp_path):
+    from trl import SFTConfig
+
+    inputs = inputs_from_training(SFTConfig(output_dir=str(tmp_path), use_cpu=True))
+    assert inputs.gradient_checkpointing and inputs.precision == "bf16-mixed"
+    assert inputs.seq_len == 1024 and inputs.batch_size == 8  # SFTConfig's own defaults
+
+
+def test_training_arguments_defaults_do_not(tmp_path):
+    from transformers import TrainingArguments
+
+    inputs = inputs_from_training(TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    assert not inputs.gradient_checkpointing and inputs.precision == "fp32"
+    assert inputs.optim == "adamw_torch_fused"
+
+
+def test_lora_and_bnb_configs_become_qlora(tmp_path):
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, TrainingArguments
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    lora = LoraConfig(r=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, per_device_train_batch_size=2,
+                             optim="paged_adamw_8bit")
+    inputs = inputs_from_training(args, lora, bnb, seq_len=4096)
+    assert (inputs.method, inputs.lora_r, inputs.lora_targets) == ("qlora", 32, "q_proj,v_proj")
+    assert (inputs.quant_type, inputs.double_quant, inputs.quant_storage) == ("fp4", False, "bf16")
+    assert (inputs.optim, inputs.batch_size, inputs.seq_len) == ("paged_adamw_8bit", 2, 4096)
+
+
+def test_bnb_without_lora_is_refused():
+    from transformers import BitsAndBytesConfig
+
+    with pytest.raises(BadInputError, match="LoraConfig"):
+        inputs_from_training(bnb_config=BitsAndBytesConfig(load_in_4bit=True))
+
+
+def test_plan_from_a_real_model_object(tmp_path, tiny_llama_config):
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config), dtype=torch.bfloat16)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True)
+    full = plan_from_training(model, args, seq_len=128)
+    assert full.inputs.precision == "bf16"  # a bf16-loaded model keeps bf16 weights and states
+    assert full.model.params_total == sum(p.numel() for p in model.parameters())
+    lora = plan_from_training(model, args, LoraConfig(r=8, target_modules="all-linear"), seq_len=128, budget="1GiB")
+    assert lora.fits and lora.peak_bytes < full.peak_bytes
+
+
+def test_deepspeed_config_is_read(tmp_path):
+    from types import SimpleNamespace
+
+    ds = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    args = SimpleNamespace(per_device_train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
+                           optim="adamw_torch", bf16=True, fp16=False, deepspeed=ds, fsdp=None, world_size=8)
+    inputs = inputs_from_training(args, seq_len=2048)
+    assert (inputs.shard, inputs.offload, inputs.gpus) == ("zero3", "optimizer", 8)

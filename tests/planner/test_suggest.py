@@ -1,0 +1,42 @@
+from hf_ftkit.planner.api import plan
+from hf_ftkit.planner.estimate import estimate
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.resolve import resolve_model
+from hf_ftkit.planner.suggest import suggest, what_fits
+from hf_ftkit.units import GIB
+
+
+def test_suggestions_are_real_plans_that_save_what_they_say():
+    spec = resolve_model("meta-llama/Llama-3.1-8B")
+    p = plan(spec, PlanInputs(method="lora", batch_size=2, seq_len=2048), budget="24GiB")
+    assert p.fits is False
+    tips = suggest(spec, p)
+    assert tips and tips[0].fits  # fitting changes come first
+    for tip in tips:
+        alt = estimate(spec, p.inputs.replace(**tip.changes))
+        assert tip.saves_bytes == p.peak_bytes - alt.peak_bytes > 0
+
+
+def test_smaller_micro_batch_keeps_the_effective_batch():
+    spec = resolve_model("Qwen/Qwen2.5-7B")
+    p = plan(spec, PlanInputs(method="qlora", batch_size=8, gradient_accumulation_steps=2, seq_len=2048))
+    micro = [t for t in suggest(spec, p, limit=20) if "micro-batch" in t.label]
+    assert micro
+    for tip in micro:
+        assert tip.changes["batch_size"] * tip.changes["gradient_accumulation_steps"] == 16
+
+
+def test_what_fits_is_the_boundary():
+    spec = resolve_model("meta-llama/Llama-3.1-8B")
+    budget = 24 * GIB
+    base = PlanInputs(seq_len=2048)
+    for row in what_fits(spec, base, budget):
+        inputs = base.replace(method=row.method, gradient_checkpointing=row.gradient_checkpointing)
+        if row.max_batch_size:
+            assert estimate(spec, inputs.replace(batch_size=row.max_batch_size)).peak_bytes <= budget
+            if row.max_batch_size < 1024:
+                assert estimate(spec, inputs.replace(batch_size=row.max_batch_size + 1)).peak_bytes > budget
+        else:
+            assert estimate(spec, inputs.replace(batch_size=1)).peak_bytes > budget
+    full = [r for r in what_fits(spec, base, budget) if r.method == "full"]
+    assert all(r.max_batch_size == 0 for r in full)  # 8B full FT never fits 24 GiB

@@ -1,0 +1,57 @@
+"""The analytic plan against a traced training step (FakeTensorMode + MemTracker)."""
+
+import pytest
+
+from hf_ftkit.planner.api import plan
+from hf_ftkit.planner.estimate import estimate
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.structure import config_from_dict, spec_from_config
+from hf_ftkit.planner.trace import trace_step
+
+TOLERANCE = 0.08  # the planner's accuracy target
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": "full"},
+        {"method": "full", "gradient_checkpointing": True},
+        {"method": "full", "precision": "bf16", "optim": "adamw_torch"},
+        {"method": "lora"},
+        {"method": "lora", "gradient_checkpointing": True, "batch_size": 2},
+        {"method": "qlora"},
+        {"method": "dora"},
+        {"method": "lora", "optim": "paged_adamw_8bit"},
+    ],
+)
+def test_analytic_plan_is_within_target_of_the_trace(tiny_llama_config, tiny_llama_spec, changes):
+    inputs = PlanInputs(seq_len=256, **changes)
+    traced = trace_step(config_from_dict(dict(tiny_llama_config)), inputs)
+    planned = estimate(tiny_llama_spec, inputs).allocated_peak_bytes
+    assert planned == pytest.approx(traced.peak_bytes, rel=TOLERANCE)
+
+
+def test_trace_sees_4bit_weights_and_frozen_base(tiny_llama_config):
+    lora = trace_step(config_from_dict(dict(tiny_llama_config)), PlanInputs(method="lora", seq_len=64))
+    qlora = trace_step(config_from_dict(dict(tiny_llama_config)), PlanInputs(method="qlora", seq_len=64))
+    assert qlora.by_category["PARAM"] < lora.by_category["PARAM"]
+    assert lora.by_category.get("GRAD", 0) < lora.by_category["PARAM"] / 10
+
+
+def test_moe_trace_matches_plan():
+    config = {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+              "vocab_size": 4096, "num_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False}
+    inputs = PlanInputs(method="full", seq_len=256)
+    traced = trace_step(config_from_dict(dict(config)), inputs)
+    planned = estimate(spec_from_config(config, "moe"), inputs).allocated_peak_bytes
+    assert planned == pytest.approx(traced.peak_bytes, rel=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_exact_plan_of_the_real_smollm2_checkpoint(smollm2_dir):
+    analytic = plan(str(smollm2_dir), method="qlora", seq_len=512)
+    exact = plan(str(smollm2_dir), method="qlora", seq_len=512, exact=True)
+    assert analytic.model.params_total == 134_515_008  # the real checkpoint, read from its directory
+    assert exact.peak_phase == "traced"
+    assert analytic.allocated_peak_bytes == pytest.approx(exact.allocated_peak_bytes, rel=TOLERANCE)

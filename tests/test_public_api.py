@@ -1,0 +1,28 @@
+import subprocess
+import sys
+
+import hf_ftkit
+
+EXPECTED = [
+    "BadInputError", "DoesNotFitError", "HfFtkitError", "HfFtkitWarning", "ModelNotFoundError", "ModelSpec",
+    "Plan", "PlanInputs", "__version__", "parse_budget", "plan", "plan_from_training", "resolve_model",
+    "suggest", "trace_step", "what_fits",
+]
+
+
+def test_all_is_pinned_and_sorted():
+    assert hf_ftkit.__all__ == sorted(EXPECTED)
+
+
+def test_every_public_name_resolves():
+    for name in hf_ftkit.__all__:
+        assert getattr(hf_ftkit, name) is not None
+
+
+def test_planning_a_catalog_model_does_not_import_torch():
+    code = (
+        "import sys, hf_ftkit; p = hf_ftkit.plan('meta-llama/Llama-3.1-8B', method='qlora'); "
+        "assert p.peak_bytes > 0; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

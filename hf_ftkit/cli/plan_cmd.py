@@ -118,15 +118,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise BadInputError("MODEL is missing; pass a hub id, a checkpoint directory or a config.json path.")
     inputs = inputs_from_args(args)
     spec = resolve_model(args.model, allow_online=args.online)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", HfFtkitWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)  # kept in result.warnings, printed below
         result = plan(spec, inputs, budget=args.budget, exact=args.exact)
-    for w in caught:
-        if not issubclass(w.category, HfFtkitWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        elif not args.json:
-            print(f"warning: {w.message}", file=sys.stderr)
-    result.warnings.clear() if not args.json else None
+    if not args.json:
+        for message in result.warnings:
+            print(f"warning: {message}", file=sys.stderr)
     suggestions = suggest(spec, result)
     fit_rows = what_fits(spec, inputs, result.budget_bytes) if args.what_fits and result.budget_bytes else None
     if args.plot:

@@ -86,7 +86,5 @@ def fits_table(rows: list[FitRow], budget_label: str, seq_len: int, batch_size: 
 
 def print_plan(console: Console, plan: Plan, suggestions: list[Suggestion]) -> None:
     console.print(plan_table(plan))
-    for message in plan.warnings:
-        console.print(f"[yellow]warning:[/] {message}")
     if suggestions and (plan.fits is False or plan.budget_bytes is None):
         console.print(suggestions_table(suggestions))

@@ -51,7 +51,7 @@ def lora_targets(spec: ModelSpec, inputs: PlanInputs) -> list[LinearGroup]:
     return [g for g in spec.linears if g.name in names]
 
 
-def _norm_bytes(h: int, inputs: PlanInputs, fed_linears: int) -> float:
+def norm_bytes(h: int, inputs: PlanInputs, fed_linears: int) -> float:
     """One RMSNorm/LayerNorm over ``h`` features that feeds ``fed_linears`` linears, per token."""
     c = compute_bytes(inputs)
     saved: float = 4.0 * h + 4  # fp32 upcast (kept by pow/mul) + rstd
@@ -150,8 +150,8 @@ def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
     fed = norm_fed_linears_per_layer(spec)
     attn_fed = fed - fed // 2  # q,k,v (3 of 5) or fused qkv (1 of 2)
     post_norms = max(spec.norms_per_layer - 2, 0)
-    total = _norm_bytes(h, inputs, attn_fed) + _norm_bytes(h, inputs, fed - attn_fed)
-    total += post_norms * _norm_bytes(h, inputs, 0)
+    total = norm_bytes(h, inputs, attn_fed) + norm_bytes(h, inputs, fed - attn_fed)
+    total += post_norms * norm_bytes(h, inputs, 0)
     total += _attention_bytes(spec, inputs) + _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs)
     return total
 

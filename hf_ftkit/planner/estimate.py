@@ -141,7 +141,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     tokens = inputs.batch_size * inputs.seq_len
     layer = act.layer_bytes_per_token(spec, inputs) * tokens + act.layer_constant_bytes(spec, inputs)
     logits = act.logits_bytes_per_token(spec, inputs)
-    final_norm = act._norm_bytes(spec.hidden_size, inputs, 1) * tokens
+    final_norm = act.norm_bytes(spec.hidden_size, inputs, 1) * tokens
     embed_out = act.compute_bytes(inputs) * spec.hidden_size * tokens
     mask = act.attention_mask_bytes(inputs)
     n = spec.num_layers

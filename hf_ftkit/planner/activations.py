@@ -83,8 +83,6 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     if effective_attention(spec, inputs) == "eager":
         # scores are materialised: fp32 softmax output + its cast, per head and key position
         saved += 2 * c * q + (4 + c) * heads * inputs.seq_len
-        if spec.config.get("attn_logit_softcapping"):
-            saved += c * heads * inputs.seq_len  # tanh of the capped scores
     else:
         saved += 4 * heads  # log-sum-exp
     if spec.qk_norm:
@@ -171,7 +169,7 @@ def logits_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> LogitsBytes:
         # fused linear cross-entropy never materialises full logits: only chunks of them
         return LogitsBytes(forward_peak=0.0, saved=0.0, backward_peak=0.0)
     c = compute_bytes(inputs)
-    softcap = 2 * c * v if spec.final_logit_softcapping else 0.0
+    softcap = c * v if spec.final_logit_softcapping else 0.0  # tanh output kept for its backward
     upcast = 4 * v if c != 4 else 0.0
     forward_peak = c * v + upcast + 4 * v + softcap
     saved = 4 * v + softcap

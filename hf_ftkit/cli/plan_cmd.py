@@ -67,6 +67,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--modules-to-save", default="", help="comma-separated, e.g. embed_tokens,lm_head")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default=d.quant_type)
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
+    p.add_argument("--kbit-upcast", action="store_true",
+                   help="prepare_model_for_kbit_training's fp32 upcast of the non-quantized weights")
     p.add_argument("--quant-storage", choices=("uint8", "bf16", "fp16", "fp32"), default=d.quant_storage)
     p.add_argument("--gpus", type=_positive_int, default=d.gpus, help="GPUs per node")
     p.add_argument("--nodes", type=_positive_int, default=d.nodes)
@@ -100,6 +102,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         lora_dropout=args.lora_dropout,
         modules_to_save=tuple(m.strip() for m in args.modules_to_save.split(",") if m.strip()),
         quant_type=args.quant_type, double_quant=not args.no_double_quant, quant_storage=args.quant_storage,
+        kbit_upcast=args.kbit_upcast,
         gpus=args.gpus, nodes=args.nodes, shard=shard, fsdp_strategy=args.fsdp_strategy, offload=args.offload,
         attn_implementation=args.attn_implementation, packing=args.packing, padding_free=args.padding_free,
         activation_offloading=args.activation_offloading, use_liger_kernel=args.use_liger_kernel,

@@ -40,3 +40,20 @@ def test_what_fits_is_the_boundary():
             assert estimate(spec, inputs.replace(batch_size=1)).peak_bytes > budget
     full = [r for r in what_fits(spec, base, budget) if r.method == "full"]
     assert all(r.max_batch_size == 0 for r in full)  # 8B full FT never fits 24 GiB
+
+
+def test_sequence_past_the_context_warns_and_is_recorded():
+    import pytest
+
+    from hf_ftkit.errors import HfFtkitWarning
+
+    with pytest.warns(HfFtkitWarning, match="context of 1024"):
+        p = plan("openai-community/gpt2", seq_len=4096)
+    assert p.warnings and p.inputs.seq_len == 4096
+
+
+def test_kbit_upcast_costs_the_fp32_copy_of_non_quantized_weights():
+    spec = resolve_model("meta-llama/Llama-3.1-8B")
+    base = estimate(spec, PlanInputs(method="qlora")).breakdown["weights"]
+    upcast = estimate(spec, PlanInputs(method="qlora", kbit_upcast=True)).breakdown["weights"]
+    assert upcast - base == 2 * (spec.params_total - spec.params_linear)

@@ -167,9 +167,11 @@ def _write(rows: list[dict], speed: dict, ds: list, acc: list) -> None:
               f"- API, model resolved: **{speed['plans_per_s']:.0f} plans/s** (target ≥ 50).", ""]
     if ds:
         lines += ["## Model states against DeepSpeed's estimators (8 GPUs, no offload)", "",
-                  "DeepSpeed's estimators count bf16 weights and unpartitioned gradients (4 B/param) plus "
-                  "16 B/param of partitioned states for ZeRO-2, and a gathered largest layer for ZeRO-3; ours is "
-                  "weights + gradients + optimizer states of the plan.", "",
+                  "DeepSpeed's estimators count 2 B/param of bf16 weights plus 18 B/param partitioned (bf16 and "
+                  "fp32 gradients, fp32 master weights, Adam moments) for ZeRO-2, and 18 B/param partitioned plus "
+                  "a gathered largest layer for ZeRO-3. Ours is weights + gradients + optimizer states of the plan; "
+                  "for ZeRO-3 it also counts the 16-bit parameter partition, which DeepSpeed's formula leaves out.",
+                  "",
                   "| model | stage | hf-ftkit GiB | DeepSpeed GiB |", "|---|---|---:|---:|"]
         lines += [f"| {m} | {s} | {_gib(o)} | {_gib(t)} |" for m, s, o, t in ds]
         lines.append("")

@@ -106,7 +106,8 @@ def _shard(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _Sharded
     buffers = gathered = 0.0
     if _deepspeed_mixed(inputs):
         # DeepSpeed keeps bf16 weights and grads on the device; the optimizer partition holds the fp32
-        # master weights and an fp32 gradient copy beside the Adam states (its estimators' 16 B/param).
+        # master weights and an fp32 gradient copy beside the Adam states: 2 + 18/N B/param for ZeRO-2,
+        # as DeepSpeed's own estimator counts it.
         w, g, s = w / 2, g / 2, s + 2 * w
     c = act.compute_bytes(inputs)
     unit = spec.params_largest_layer
@@ -115,9 +116,7 @@ def _shard(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _Sharded
     elif inputs.shard == "zero1":
         s, temp = s / n, temp / n
     elif inputs.shard == "zero2" or (inputs.shard == "fsdp" and inputs.fsdp_strategy == "shard_grad_op"):
-        # DeepSpeed ZeRO-2 keeps a full low-precision gradient buffer (contiguous_gradients) while reducing
-        g = g if _deepspeed_mixed(inputs) else g / n
-        s, temp = s / n, temp / n
+        g, s, temp = g / n, s / n, temp / n
         buffers = 4.0 * spec.hidden_size**2 if inputs.shard == "zero2" else c * unit
     elif inputs.shard in ("zero3", "fsdp"):
         w, a, q, g, s, temp = w / n, a / n, q / n, g / n, s / n, temp / n

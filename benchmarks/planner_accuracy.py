@@ -161,6 +161,7 @@ def _write(rows: list[dict], speed: dict, ds: list, acc: list) -> None:
                      f"{r['error_pct']:+.1f}% |")
     worst = max(abs(r["error_pct"]) for r in rows)
     lines += ["", f"**Worst |error|: {worst:.1f}%** over {len(rows)} configurations (target ±{TARGET_PCT}%).", "",
+              "![planned vs traced peak](planner.png)", "",
               "## Speed", "",
               f"- `hf-ftkit plan meta-llama/Llama-3.1-405B --json` from a cold process: "
               f"**{speed['cold_405b_s']:.2f} s** wall (target < 2 s).",
@@ -176,7 +177,8 @@ def _write(rows: list[dict], speed: dict, ds: list, acc: list) -> None:
         lines += [f"| {m} | {s} | {_gib(o)} | {_gib(t)} |" for m, s, o, t in ds]
         lines.append("")
     lines += ["## accelerate estimate-memory's training figure", "",
-              "accelerate reports ~4x the bf16 weights for Adam training, without activations or logits; ours is "
+              "accelerate reports the largest single component of Adam training (8 B/param of optimizer "
+              "states), not their sum, and no activations or logits; ours is "
               "the full plan (bf16-mixed full FT, batch 1 x 2048, fixed costs included).", "",
               "| model | accelerate GiB | hf-ftkit GiB |", "|---|---:|---:|"]
     lines += [f"| {m} | {_gib(t)} | {_gib(o)} |" for m, t, o in acc]

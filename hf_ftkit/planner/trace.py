@@ -154,7 +154,11 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=_weight_dtype(inputs))
     if inputs.gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers v5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if inputs.is_peft:
         from peft import LoraConfig, get_peft_model
 

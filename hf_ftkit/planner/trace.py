@@ -72,7 +72,6 @@ def _weight_dtype(inputs: PlanInputs) -> Any:
     return torch.float16 if inputs.precision == "fp16-mixed" else torch.bfloat16
 
 
-
 def _make_4bit_class() -> Any:
     import bitsandbytes as bnb
     import torch
@@ -173,6 +172,10 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
         model = get_peft_model(model, lora)
         if inputs.method == "qlora":
             _quantize_linears(model, inputs)
+            if inputs.kbit_upcast:  # what prepare_model_for_kbit_training does to the rest of the base
+                for param in model.parameters():
+                    if not param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+                        param.data = param.data.float()
     model.train()
     return model
 

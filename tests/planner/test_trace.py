@@ -55,3 +55,11 @@ def test_exact_plan_of_the_real_smollm2_checkpoint(smollm2_dir):
     assert analytic.model.params_total == 134_515_008  # the real checkpoint, read from its directory
     assert exact.peak_phase == "traced"
     assert analytic.allocated_peak_bytes == pytest.approx(exact.allocated_peak_bytes, rel=TOLERANCE)
+
+
+def test_kbit_upcast_is_traced_and_planned_alike(tiny_llama_config, tiny_llama_spec):
+    inputs = PlanInputs(method="qlora", kbit_upcast=True, seq_len=128)
+    traced = trace_step(config_from_dict(dict(tiny_llama_config)), inputs)
+    plain = trace_step(config_from_dict(dict(tiny_llama_config)), inputs.replace(kbit_upcast=False))
+    assert traced.by_category["PARAM"] > plain.by_category["PARAM"]
+    assert estimate(tiny_llama_spec, inputs).allocated_peak_bytes == pytest.approx(traced.peak_bytes, rel=TOLERANCE)

@@ -151,9 +151,10 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     if inputs.activation_offloading:
         kept = min(kept, 2 * layer + embed_out)
     kept += final_norm + mask
-    # Autocast caches a low-precision copy of every fp32 weight for the whole forward.
+    # Autocast caches a low-precision copy of every fp32 weight for the whole forward. Sharded runs
+    # (FSDP mixed-precision policy, DeepSpeed) already compute with 16-bit parameters: no cache.
     cache = 0.0
-    if act.fp32_master(inputs):
+    if act.fp32_master(inputs) and inputs.shard in ("none", "ddp"):
         cache = 2.0 * (spec.params_linear + spec.params_lm_head + (spec.params_embedding if spec.tie_embeddings else 0))
     return {
         "forward": kept + logits.forward_peak * tokens,

@@ -58,7 +58,12 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
 def suggest(spec: ModelSpec, plan: Plan, limit: int = 6) -> list[Suggestion]:
     """Changes that lower the peak, largest saving first; those that make it fit come first."""
     result = []
-    for label, changes in _candidates(plan.inputs):
+    seen: list[dict[str, object]] = []
+    for label, wanted in _candidates(plan.inputs):
+        changes = {k: v for k, v in wanted.items() if getattr(plan.inputs, k) != v}
+        if not changes or changes in seen:
+            continue  # already so, or the same change under another name
+        seen.append(changes)
         alt = estimate(spec, plan.inputs.replace(**changes), plan.budget_bytes, plan.budget_label)
         saves = plan.peak_bytes - alt.peak_bytes
         if saves > 0:

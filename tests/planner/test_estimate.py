@@ -129,3 +129,11 @@ def test_zero2_model_states_follow_deepspeeds_accounting():
     p = spec.params_total
     # DeepSpeed's estimate_zero2_model_states_mem_needs without offload: 2 P + 18 P / GPUs
     assert sharded.weights + sharded.gradients + sharded.optimizer_states == pytest.approx(2 * p + 18 * p / 8)
+
+
+def test_sharded_mixed_precision_has_no_autocast_weight_cache():
+    spec = resolve_model("meta-llama/Llama-3.1-70B")
+    sharded = estimate(spec, PlanInputs(method="full", gpus=8, shard="fsdp", gradient_checkpointing=True))
+    single = estimate(spec, PlanInputs(method="full", gradient_checkpointing=True, batch_size=1, seq_len=8))
+    assert sharded.breakdown["transient"] < 0.01 * spec.params_total  # FSDP computes on gathered bf16 units
+    assert single.peak_bytes > 16 * spec.params_total  # fp32 weights + grads + Adam on one device

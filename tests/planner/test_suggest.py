@@ -57,3 +57,11 @@ def test_kbit_upcast_costs_the_fp32_copy_of_non_quantized_weights():
     base = estimate(spec, PlanInputs(method="qlora")).breakdown["weights"]
     upcast = estimate(spec, PlanInputs(method="qlora", kbit_upcast=True)).breakdown["weights"]
     assert upcast - base == 2 * (spec.params_total - spec.params_linear)
+
+
+def test_suggestions_are_distinct_real_changes():
+    spec = resolve_model("meta-llama/Llama-3.1-70B")
+    p = plan(spec, PlanInputs(method="full", gpus=8, nodes=2, shard="fsdp", gradient_checkpointing=True))
+    changes = [tip.changes for tip in suggest(spec, p, limit=50)]
+    assert len(changes) == len({tuple(sorted(c.items())) for c in changes})
+    assert all("gradient_checkpointing" not in c for c in changes)  # already on

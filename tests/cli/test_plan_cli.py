@@ -96,3 +96,12 @@ def test_console_script_and_help_examples():
     done = subprocess.run(["hf-ftkit", "plan", "meta-llama/Llama-3.1-405B", "--json"], capture_output=True,
                           text=True, check=True)
     assert json.loads(done.stdout)["model"] == "meta-llama/Llama-3.1-405B"
+
+
+def test_exact_traces_a_local_config(capsys, tmp_path, tiny_llama_config):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config))
+    code, out, _ = run(capsys, "plan", str(tmp_path), "--method", "lora", "--seq-len", "128", "--exact", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["peak_phase"] == "traced" and data["allocated_peak_bytes"] > 0
+    code, _, err = run(capsys, "plan", str(tmp_path), "--gpus", "2", "--exact")
+    assert code == 2 and "--exact traces one device" in err

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from hf_ftkit._compat import enable_checkpointing
 from hf_ftkit.planner.estimate import estimate
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
@@ -55,12 +56,7 @@ def _load(model_id: str, inputs: PlanInputs, workdir: Path):
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if inputs.gradient_checkpointing:
-        model.config.use_cache = False
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers v5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
     if inputs.is_peft:
         from peft import LoraConfig, get_peft_model
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from hf_ftkit._compat import enable_checkpointing
 from hf_ftkit.planner.inputs import PlanInputs
 
 _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -152,12 +153,7 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_weight_dtype(inputs))
     if inputs.gradient_checkpointing:
-        model.config.use_cache = False
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers v5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
     if inputs.is_peft:
         from peft import LoraConfig, get_peft_model
 

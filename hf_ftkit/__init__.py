@@ -15,6 +15,9 @@ _EXPORTS = {
     "DoesNotFitError": "hf_ftkit.errors",
     "HfFtkitError": "hf_ftkit.errors",
     "HfFtkitWarning": "hf_ftkit.errors",
+    "LadderLimits": "hf_ftkit.fallback.ladder",
+    "Setup": "hf_ftkit.fallback.ladder",
+    "choose_setup": "hf_ftkit.fallback.ladder",
     "ModelNotFoundError": "hf_ftkit.errors",
     "ModelSpec": "hf_ftkit.planner.spec",
     "Plan": "hf_ftkit.planner.estimate",
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
         HfFtkitWarning,
         ModelNotFoundError,
     )
+    from hf_ftkit.fallback.ladder import LadderLimits, Setup, choose_setup
     from hf_ftkit.planner.api import plan
     from hf_ftkit.planner.budget import parse_budget
     from hf_ftkit.planner.estimate import Plan

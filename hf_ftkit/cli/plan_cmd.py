@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hf_ftkit.errors import HfFtkitWarning
+from hf_ftkit.errors import BadInputError, HfFtkitWarning
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.inputs import (
     ATTN_IMPLS,
@@ -53,7 +53,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     d = PlanInputs()
     p.add_argument("model", nargs="?", help="hub id, checkpoint directory or config.json path")
-    p.add_argument("--method", choices=METHODS, default=d.method)
+    p.add_argument("--method", choices=(*METHODS, "auto"), default=d.method,
+                   help="auto: walk the fallback ladder and pick the best setup that fits --budget")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="micro-batch per device")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
     p.add_argument("--grad-accum", type=_positive_int, default=d.gradient_accumulation_steps,
@@ -96,7 +97,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     world = args.gpus * args.nodes
     shard: Any = args.shard or ("ddp" if world > 1 else "none")
     return PlanInputs(
-        method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+        method="full" if args.method == "auto" else args.method, batch_size=args.batch_size, seq_len=args.seq_len,
         gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
         optim=args.optim, precision=args.precision, lora_r=args.lora_r, lora_targets=args.lora_targets,
         lora_dropout=args.lora_dropout,
@@ -116,11 +117,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             console.print(model_id)
         return 0
     if not args.model:
-        from hf_ftkit.errors import BadInputError
-
         raise BadInputError("MODEL is missing; pass a hub id, a checkpoint directory or a config.json path.")
     inputs = inputs_from_args(args)
     spec = resolve_model(args.model, allow_online=args.online)
+    if args.method == "auto":
+        return _run_auto(args, console, spec, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HfFtkitWarning)  # kept in result.warnings, printed below
         result = plan(spec, inputs, budget=args.budget, exact=args.exact)
@@ -151,6 +152,32 @@ def run(args: argparse.Namespace, console: Console) -> int:
             console.print("[yellow]--what-fits needs --budget.[/]")
     if args.check and result.fits is False:
         return EXIT_DOES_NOT_FIT
+    return 0
+
+
+def _run_auto(args: argparse.Namespace, console: Console, spec: Any, inputs: PlanInputs) -> int:
+    """``--method auto``: the ladder, the chosen rung, and its plan."""
+    from hf_ftkit.fallback.ladder import choose_setup
+
+    if not args.budget:
+        raise BadInputError("--method auto needs --budget (a size, a GPU name or auto).")
+    setup = choose_setup(spec, args.budget, inputs)
+    if args.json:
+        data = setup.plan.to_dict()
+        data["chosen"] = setup.chosen_dict()
+        data["ladder"] = [
+            {"rung": r.name, "method": r.inputs.method, "gradient_checkpointing": r.inputs.gradient_checkpointing,
+             "optim": r.inputs.optim, "batch_size": r.inputs.batch_size,
+             "gradient_accumulation_steps": r.inputs.gradient_accumulation_steps, "peak_bytes": r.peak_bytes,
+             "fits": r.fits, "verdict": r.reason}
+            for r in setup.ladder
+        ]
+        print(json.dumps(data, indent=2))
+    else:
+        from hf_ftkit.cli.render import ladder_table, print_plan
+
+        console.print(ladder_table(setup))
+        print_plan(console, setup.plan, [])
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -81,6 +83,19 @@ def fits_table(rows: list[FitRow], budget_label: str, seq_len: int, batch_size: 
         table.add_row(r.method, "on" if r.gradient_checkpointing else "off",
                       str(r.max_batch_size) if r.max_batch_size else "[red]none[/]",
                       str(r.max_seq_len) if r.max_seq_len else "[red]none[/]")
+    return table
+
+
+def ladder_table(setup: Any) -> Table:
+    table = Table(title=f"Fallback ladder for {format_bytes(setup.budget_bytes)} per device", title_justify="left")
+    table.add_column("rung")
+    table.add_column("peak", justify="right")
+    table.add_column("verdict")
+    for rung in setup.ladder:
+        chosen = rung.name == setup.name
+        name = f"[bold green]→ {rung.name}[/]" if chosen else rung.name
+        colour = "green" if rung.fits else "red"
+        table.add_row(name, format_bytes(rung.peak_bytes), f"[{colour}]{rung.reason}[/]")
     return table
 
 

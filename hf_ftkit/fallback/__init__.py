@@ -1,0 +1,1 @@
+"""Choosing a setup that fits a memory budget (the QLoRA fallback ladder)."""

@@ -127,6 +127,46 @@ class Setup:
                                   bnb_4bit_quant_storage=dtypes[storage])
 
 
+    def load_model(self, model_path: str | None = None, **kwargs: Any) -> Any:
+        """Load the model the way this setup trains it.
+
+        4-bit through bitsandbytes for QLoRA (the base frozen, without
+        ``prepare_model_for_kbit_training``'s fp32 upcasts that cost memory), non-reentrant
+        checkpointing with ``enable_input_require_grads`` when the base is frozen, and the LoRA
+        adapters from :meth:`lora_config`.
+
+        Args:
+            model_path: a hub id or checkpoint directory; defaults to the planned model's id.
+            **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from hf_ftkit._compat import enable_checkpointing
+
+        i = self.inputs
+        if i.precision == "fp32" or (i.method == "full" and i.precision.endswith("-mixed")):
+            dtype = torch.float32
+        else:
+            dtype = torch.float16 if i.precision == "fp16-mixed" else torch.bfloat16
+        if i.attn_implementation != "sdpa":
+            kwargs.setdefault("attn_implementation", i.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path or self.model.model_id, dtype=dtype, quantization_config=self.bnb_config(), **kwargs
+        )
+        if i.is_peft:
+            model.requires_grad_(False)
+        if i.gradient_checkpointing:
+            enable_checkpointing(model)
+            if i.is_peft:
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        if i.is_peft:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, self.lora_config())
+        return model
+
+
 def ladder_rungs(inputs: PlanInputs, limits: LadderLimits) -> list[tuple[str, PlanInputs]]:
     """Every rung allowed by ``limits``, in order, built on the user's own settings."""
     rank = max(inputs.lora_r, limits.min_lora_r or 0)

@@ -20,7 +20,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def default_cache_dir() -> Path:
     root = os.environ.get("HF_FTKIT_CACHE") or Path.home() / ".cache" / "hf_ftkit"
-    return Path(root) / "smollm2-135m-instruct"
+    # bump the suffix whenever the conversion changes, so stale caches are rebuilt
+    return Path(root) / "smollm2-135m-instruct-v2"
 
 
 def _download_gguf(workdir: Path) -> Path:
@@ -45,8 +46,12 @@ def _convert(gguf: Path, out: Path) -> None:
 
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict, and drop
+    # the GGUF quantization record so the copy loads (and re-quantizes) like any HF checkpoint.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.save_pretrained(out, safe_serialization=True)

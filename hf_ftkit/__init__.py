@@ -28,6 +28,7 @@ _EXPORTS = {
     "resolve_model": "hf_ftkit.planner.resolve",
     "suggest": "hf_ftkit.planner.suggest",
     "trace_step": "hf_ftkit.planner.trace",
+    "train_with_fallback": "hf_ftkit.fallback.runtime",
     "what_fits": "hf_ftkit.planner.suggest",
 }
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
         ModelNotFoundError,
     )
     from hf_ftkit.fallback.ladder import LadderLimits, Setup, choose_setup
+    from hf_ftkit.fallback.runtime import train_with_fallback
     from hf_ftkit.planner.api import plan
     from hf_ftkit.planner.budget import parse_budget
     from hf_ftkit.planner.estimate import Plan

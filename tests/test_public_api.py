@@ -7,7 +7,7 @@ EXPECTED = [
     "BadInputError", "DoesNotFitError", "HfFtkitError", "HfFtkitWarning", "LadderLimits", "ModelNotFoundError",
     "ModelSpec", "Setup", "choose_setup",
     "Plan", "PlanInputs", "__version__", "parse_budget", "plan", "plan_from_training", "resolve_model",
-    "suggest", "trace_step", "what_fits",
+    "suggest", "trace_step", "train_with_fallback", "what_fits",
 ]
 
 

@@ -16,6 +16,7 @@ _EXPORTS = {
     "HfFtkitError": "hf_ftkit.errors",
     "HfFtkitWarning": "hf_ftkit.errors",
     "LadderLimits": "hf_ftkit.fallback.ladder",
+    "MemoryBudgetCallback": "hf_ftkit.callbacks.memory",
     "Setup": "hf_ftkit.fallback.ladder",
     "choose_setup": "hf_ftkit.fallback.ladder",
     "ModelNotFoundError": "hf_ftkit.errors",
@@ -35,6 +36,7 @@ _EXPORTS = {
 __all__ = sorted(["__version__", *_EXPORTS])
 
 if TYPE_CHECKING:
+    from hf_ftkit.callbacks.memory import MemoryBudgetCallback
     from hf_ftkit.errors import (
         BadInputError,
         DoesNotFitError,

@@ -4,7 +4,8 @@ import sys
 import hf_ftkit
 
 EXPECTED = [
-    "BadInputError", "DoesNotFitError", "HfFtkitError", "HfFtkitWarning", "LadderLimits", "ModelNotFoundError",
+    "BadInputError", "DoesNotFitError", "HfFtkitError", "HfFtkitWarning", "LadderLimits", "MemoryBudgetCallback",
+    "ModelNotFoundError",
     "ModelSpec", "Setup", "choose_setup",
     "Plan", "PlanInputs", "__version__", "parse_budget", "plan", "plan_from_training", "resolve_model",
     "suggest", "trace_step", "train_with_fallback", "what_fits",

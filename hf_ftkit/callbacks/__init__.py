@@ -1,0 +1,1 @@
+"""Trainer callbacks: thin layers over the library (planner, fallback)."""

@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_ftkit.callbacks.memory import MemoryBudgetCallback
+from hf_ftkit.errors import DoesNotFitError
+
+KEYS = ("memory/peak_gib", "memory/planned_gib", "memory/plan_error_pct")
+
+
+def _trainer(tmp_path, config, callback, steps=4):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)),
+                           LoraConfig(r=8, target_modules="all-linear"))
+    ids = [list(range(5, 37))] * 8
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=steps, logging_steps=2,
+                             report_to=[], per_device_train_batch_size=2, save_strategy="no")
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                   callbacks=[callback])
+
+
+def test_logs_measured_and_planned_memory_under_a_real_trainer(tmp_path, tiny_llama_config):
+    callback = MemoryBudgetCallback(budget="4GiB", seq_len=32)
+    trainer = _trainer(tmp_path, tiny_llama_config, callback)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert all(key in entry for key in KEYS)
+        assert entry["memory/peak_gib"] > 0 and entry["memory/planned_gib"] > 0
+    assert callback.plan.inputs.method == "lora" and callback.plan.inputs.lora_r == 8
+    assert callback.plan.fits
+
+
+def test_strict_mode_stops_a_run_that_cannot_fit_before_a_step(tmp_path, tiny_llama_config):
+    trainer = _trainer(tmp_path, tiny_llama_config, MemoryBudgetCallback(budget="512MiB", seq_len=32, strict=True))
+    with pytest.raises(DoesNotFitError, match="exceeds the budget"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_default_mode_warns_instead(tmp_path, tiny_llama_config):
+    from hf_ftkit.errors import HfFtkitWarning
+
+    trainer = _trainer(tmp_path, tiny_llama_config, MemoryBudgetCallback(budget="512MiB", seq_len=32), steps=2)
+    with pytest.warns(HfFtkitWarning, match="budget"):  # the plan, then the measured peak
+        trainer.train()
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.slow
+def test_logs_under_torchrun_ddp(tmp_path, tiny_llama_config):
+    script = Path(__file__).with_name("ddp_train.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+           json.dumps(tiny_llama_config), str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    data = json.loads((tmp_path / "log_history.json").read_text())
+    assert data["world_size"] == 2
+    logged = [entry for entry in data["log_history"] if "loss" in entry]
+    assert logged and all("memory/peak_max_gib" in e and all(k in e for k in KEYS) for e in logged)
+    assert all(e["memory/peak_max_gib"] >= e["memory/peak_gib"] for e in logged)

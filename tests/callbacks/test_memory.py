@@ -67,3 +67,23 @@ def test_logs_under_torchrun_ddp(tmp_path, tiny_llama_config):
     logged = [entry for entry in data["log_history"] if "loss" in entry]
     assert logged and all("memory/peak_max_gib" in e and all(k in e for k in KEYS) for e in logged)
     assert all(e["memory/peak_max_gib"] >= e["memory/peak_gib"] for e in logged)
+
+
+@pytest.mark.slow
+def test_plans_an_sfttrainer_run_with_its_own_defaults(tmp_path, smollm2_dir):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_dict({"text": ["The memory planner counts every byte a training step keeps."] * 8})
+    callback = MemoryBudgetCallback(budget="24GiB")
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=2, logging_steps=1, report_to=[],
+                     per_device_train_batch_size=2, max_length=64, save_strategy="no")
+    trainer = SFTTrainer(model=str(smollm2_dir), args=args, train_dataset=data,
+                         peft_config=LoraConfig(r=8, target_modules="all-linear"), callbacks=[callback])
+    trainer.train()
+    inputs = callback.plan.inputs
+    assert inputs.gradient_checkpointing and inputs.seq_len == 64  # SFTConfig's default and max_length
+    assert inputs.method == "lora" and inputs.lora_r == 8
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(all(key in entry for key in KEYS) for entry in logged)

@@ -55,6 +55,7 @@ class MemoryBudgetCallback(TrainerCallback):
         self._warned_peak = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        _move_to_front(self)
         if self.plan is None and model is not None:
             self.plan = self._plan_run(model, args)
         if self.plan is not None and self.plan.fits is False:
@@ -103,6 +104,22 @@ class MemoryBudgetCallback(TrainerCallback):
         # Trainer appended a copy of ``logs`` to the history just before calling us
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+
+def _move_to_front(callback: Any) -> None:
+    """Run before the reporting callbacks, so TensorBoard/W&B receive the memory keys.
+
+    Trainer puts ``callbacks=[...]`` after its ``report_to`` integrations, and no hook hands a
+    callback its handler: the handler is the caller of this event. Moving an element that is
+    being visited to the front keeps every later element at its index, so the event in progress
+    still reaches each callback once.
+    """
+    frame = sys._getframe(2)
+    handler = frame.f_locals.get("self")
+    callbacks = getattr(handler, "callbacks", None)
+    if isinstance(callbacks, list) and callback in callbacks and callbacks[0] is not callback:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
 
 
 def _max_over_ranks(peak: int) -> int | None:

@@ -87,3 +87,22 @@ def test_plans_an_sfttrainer_run_with_its_own_defaults(tmp_path, smollm2_dir):
     assert inputs.method == "lora" and inputs.lora_r == 8
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all(all(key in entry for key in KEYS) for entry in logged)
+
+
+def test_reporting_callbacks_before_it_receive_the_memory_keys(tmp_path, tiny_llama_config):
+    from transformers import TrainerCallback
+
+    class Reporter(TrainerCallback):  # stands for TensorBoard/W&B, which Trainer places first
+        seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs or {}))
+
+    reporter = Reporter()
+    trainer = _trainer(tmp_path, tiny_llama_config, MemoryBudgetCallback(budget="4GiB", seq_len=32))
+    trainer.callback_handler.callbacks.insert(0, reporter)
+    trainer.train()
+    losses = [logs for logs in reporter.seen if "loss" in logs]
+    assert losses and all(all(key in logs for key in KEYS) for logs in losses)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.count("Reporter") == 1 and names.count("MemoryBudgetCallback") == 1

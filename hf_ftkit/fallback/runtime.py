@@ -67,7 +67,7 @@ class RunSummary:
     fallbacks: list[FallbackEvent] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self)}, indent=2)
+        return json.dumps(asdict(self), indent=2)
 
 
 def _release_memory() -> None:
@@ -86,8 +86,8 @@ def _last_checkpoint(output_dir: Path) -> str | None:
 
 
 def _later_rungs(setup: Setup, current: PlanInputs) -> list[Rung]:
-    names = [r.inputs for r in setup.ladder]
-    index = names.index(current) if current in names else -1
+    configs = [r.inputs for r in setup.ladder]
+    index = configs.index(current) if current in configs else -1
     return setup.ladder[index + 1:]
 
 

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from hf_ftkit._compat import enable_checkpointing
 from hf_ftkit.planner.estimate import estimate
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
@@ -34,37 +33,23 @@ CONFIGS = [
 
 
 def _load(model_id: str, inputs: PlanInputs, workdir: Path):
+    """Random weights saved once per model, then loaded exactly as ``Setup.load_model`` loads for users."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    spec = resolve_model(model_id)
+    from hf_ftkit.fallback.ladder import Setup
     from hf_ftkit.planner.structure import config_from_dict
 
-    config = config_from_dict(dict(spec.config))
-    config._attn_implementation = inputs.attn_implementation
-    full_mixed = inputs.method == "full" and inputs.precision.endswith("-mixed")
-    dtype = torch.float32 if full_mixed or inputs.precision == "fp32" else torch.bfloat16
-    if inputs.method == "qlora":
-        path = workdir / model_id.replace("/", "__")
-        if not path.exists():
-            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=inputs.quant_type,
-                                 bnb_4bit_use_double_quant=inputs.double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map={"": 0}, attn_implementation=inputs.attn_implementation)
-    else:
+    spec = resolve_model(model_id)
+    path = workdir / model_id.replace("/", "__")
+    if not path.exists():
         with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if inputs.gradient_checkpointing:
-        enable_checkpointing(model)
-    if inputs.is_peft:
-        from peft import LoraConfig, get_peft_model
-
-        if inputs.gradient_checkpointing:
-            model.enable_input_require_grads()
-        lora = LoraConfig(r=inputs.lora_r, lora_alpha=2 * inputs.lora_r, lora_dropout=inputs.lora_dropout,
-                          target_modules=inputs.target_names() or "all-linear", use_dora=inputs.method == "dora")
-        model = get_peft_model(model, lora)
+            model = AutoModelForCausalLM.from_config(config_from_dict(dict(spec.config)), dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
+    setup = Setup(model=spec, plan=estimate(spec, inputs), name="gpu check", budget_bytes=0)
+    model = setup.load_model(str(path), device_map={"": 0})
     model.train()
     return model
 

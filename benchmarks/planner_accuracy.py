@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from hf_ftkit.planner.estimate import _shard, estimate
+from hf_ftkit.planner.estimate import estimate, shard_states
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.states import model_states
@@ -93,7 +93,7 @@ def _deepspeed_rows() -> list[tuple[str, str, float, float]]:
         spec = resolve_model(model)
         for stage in ("zero2", "zero3"):
             inputs = PlanInputs(method="full", gpus=8, shard=stage)
-            sharded = _shard(model_states(spec, inputs), spec, inputs)
+            sharded = shard_states(model_states(spec, inputs), spec, inputs)
             ours = sharded.weights + sharded.gradients + sharded.optimizer_states
             if stage == "zero2":
                 _, theirs = estimate_zero2_model_states_mem_needs(spec.params_total, 8, 1, cpu_offload=False)

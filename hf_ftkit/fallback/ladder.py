@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hf_ftkit._data import load
+from hf_ftkit._dtypes import to_torch
 from hf_ftkit.errors import BadInputError, DoesNotFitError
 from hf_ftkit.planner.budget import parse_budget
 from hf_ftkit.planner.estimate import Plan, estimate
@@ -116,15 +118,13 @@ class Setup:
         i = self.inputs
         if i.method != "qlora":
             return None
-        import torch
         from transformers import BitsAndBytesConfig
 
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
         storage = "bf16" if i.shard in ("fsdp", "zero3") and i.quant_storage == "uint8" else i.quant_storage
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=i.quant_type,
                                   bnb_4bit_use_double_quant=i.double_quant,
-                                  bnb_4bit_compute_dtype=dtypes[i.compute_dtype],
-                                  bnb_4bit_quant_storage=dtypes[storage])
+                                  bnb_4bit_compute_dtype=to_torch(i.compute_dtype),
+                                  bnb_4bit_quant_storage=to_torch(storage))
 
 
     def load_model(self, model_path: str | None = None, **kwargs: Any) -> Any:
@@ -139,20 +139,16 @@ class Setup:
             model_path: a hub id or checkpoint directory; defaults to the planned model's id.
             **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
         """
-        import torch
         from transformers import AutoModelForCausalLM
 
         from hf_ftkit._compat import enable_checkpointing
 
         i = self.inputs
-        if i.precision == "fp32" or (i.method == "full" and i.precision.endswith("-mixed")):
-            dtype = torch.float32
-        else:
-            dtype = torch.float16 if i.precision == "fp16-mixed" else torch.bfloat16
         if i.attn_implementation != "sdpa":
             kwargs.setdefault("attn_implementation", i.attn_implementation)
         model = AutoModelForCausalLM.from_pretrained(
-            model_path or self.model.model_id, dtype=dtype, quantization_config=self.bnb_config(), **kwargs
+            model_path or self.model.model_id, dtype=to_torch(i.weight_dtype),
+            quantization_config=self.bnb_config(), **kwargs
         )
         if i.is_peft:
             model.requires_grad_(False)
@@ -205,7 +201,7 @@ def choose_setup(
     base = (inputs or PlanInputs()).replace(**overrides) if overrides else (inputs or PlanInputs())
     resolved = parse_budget(budget)
     limits = limits or LadderLimits()
-    fixed = estimate(spec, base.replace(method="qlora", batch_size=1, seq_len=1)).breakdown["cuda_context"]
+    fixed = int(load("constants")["cuda_context_bytes"])
     if resolved.bytes <= fixed:
         raise BadInputError(
             f"--budget {resolved.label} is below the fixed per-device overhead of {format_bytes(fixed)}; "

@@ -123,14 +123,15 @@ def train_with_fallback(
             trainer.train(resume_from_checkpoint=resume)
             break
         except Exception as exc:
-            if not is_oom(exc) or len(events) >= max_fallbacks or not _later_rungs(setup, current.inputs):
+            remaining = _later_rungs(setup, current.inputs)
+            if not is_oom(exc) or len(events) >= max_fallbacks or not remaining:
                 raise
             step = int(getattr(trainer.state, "global_step", 0))
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         # outside the except block, so the traceback's frames (and the tensors they hold) are gone
         del trainer
         _release_memory()
-        rung = _later_rungs(setup, current.inputs)[0]
+        rung = remaining[0]
         after = Setup(model=setup.model, plan=estimate(setup.model, rung.inputs, setup.budget_bytes),
                       name=rung.name, budget_bytes=setup.budget_bytes, ladder=setup.ladder)
         if can_resume(current.inputs, after.inputs):

@@ -97,7 +97,8 @@ def _deepspeed_mixed(inputs: PlanInputs) -> bool:
     return inputs.shard.startswith("zero") and act.fp32_master(inputs)
 
 
-def _shard(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _Sharded:
+def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _Sharded:
+    """Per-device share of the model states, and the buffers sharding adds."""
     n = inputs.world_size
     if inputs.shard == "fsdp" and inputs.fsdp_strategy == "hybrid_shard":
         n = inputs.gpus
@@ -179,7 +180,7 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
              budget_label: str | None = None) -> Plan:
     """The analytic plan: per-device peak and its breakdown. Pure arithmetic, no torch."""
     states = model_states(spec, inputs)
-    sh = _shard(states, spec, inputs)
+    sh = shard_states(states, spec, inputs)
     phases = _activation_phases(spec, inputs)
     resident = sh.weights + sh.adapter_weights + sh.quant_constants + sh.optimizer_states + sh.persistent_buffers
 

@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hf_ftkit._dtypes import from_torch
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.estimate import Plan
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
-
-_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.uint8": "uint8"}
 
 
 def _spec_of(model: Any) -> ModelSpec:
@@ -35,7 +34,7 @@ def _spec_of(model: Any) -> ModelSpec:
 
 def _model_dtype(model: Any) -> str | None:
     dtype = getattr(model, "dtype", None)
-    return _DTYPE_NAMES.get(str(dtype)) if dtype is not None else None
+    return from_torch(dtype) if dtype is not None else None
 
 
 def _deepspeed(args: Any) -> tuple[str, str]:
@@ -87,8 +86,8 @@ def inputs_from_training(
         method = "qlora"
         values["quant_type"] = bnb_config.bnb_4bit_quant_type
         values["double_quant"] = bool(bnb_config.bnb_4bit_use_double_quant)
-        values["compute_dtype"] = _DTYPE_NAMES.get(str(bnb_config.bnb_4bit_compute_dtype), "fp32")
-        values["quant_storage"] = _DTYPE_NAMES.get(str(bnb_config.bnb_4bit_quant_storage), "uint8")
+        values["compute_dtype"] = from_torch(bnb_config.bnb_4bit_compute_dtype) or "fp32"
+        values["quant_storage"] = from_torch(bnb_config.bnb_4bit_quant_storage) or "uint8"
     values["method"] = method
     if args is not None:
         values["batch_size"] = int(args.per_device_train_batch_size)

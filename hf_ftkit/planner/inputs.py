@@ -106,6 +106,13 @@ class PlanInputs:
     def is_peft(self) -> bool:
         return self.method != "full"
 
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype the model is loaded in: fp32 for fp32 runs and for full FT's fp32 master weights."""
+        if self.precision == "fp32" or (self.method == "full" and self.precision.endswith("-mixed")):
+            return "fp32"
+        return "fp16" if self.precision == "fp16-mixed" else "bf16"
+
     def target_names(self) -> list[str] | None:
         """LoRA target module names, or None for ``all-linear``."""
         if self.lora_targets.strip() == "all-linear":

@@ -97,11 +97,6 @@ class ModelSpec:
         return sum(g.params for g in self.linears)
 
     @property
-    def params_other(self) -> int:
-        """Parameters that are neither decoder linears nor embeddings/lm_head (norms, fused experts, router)."""
-        return self.params_total - self.params_linear - self.params_embedding - self.params_lm_head
-
-    @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 

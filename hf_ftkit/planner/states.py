@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hf_ftkit._data import load
-from hf_ftkit.planner.activations import fp32_master, lora_targets
+from hf_ftkit.planner.activations import lora_targets
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
@@ -22,12 +22,6 @@ class ModelStates:
     optimizer_step_temp: float  # transient while optimizer.step() runs
     trainable_params: int
     largest_trainable: int
-
-
-def _weight_bytes(inputs: PlanInputs) -> int:
-    if inputs.precision == "fp32" or fp32_master(inputs):
-        return 4
-    return 2
 
 
 def adapter_params(spec: ModelSpec, inputs: PlanInputs) -> int:
@@ -79,7 +73,7 @@ def _optimizer_bytes(
 
 def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     """Bytes of weights, adapters, grads and optimizer states for one unsharded replica."""
-    wb = _weight_bytes(inputs)
+    wb = 4 if inputs.weight_dtype == "fp32" else 2
     if inputs.method == "full":
         trainable = spec.params_total
         matrices = (g.in_features * g.out_features for g in spec.linears)

@@ -101,7 +101,7 @@ def spec_from_model(model: Any, model_id: str) -> ModelSpec:
         supports_sdpa=bool(getattr(model, "_supports_sdpa", True)),
         supports_flash_attn=bool(getattr(model, "_supports_flash_attn", True)),
         config=config.to_dict(),
-        **{k: v for k, v in dims.items()},
+        **dims,
     )
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_ftkit._compat import enable_checkpointing
+from hf_ftkit._dtypes import to_torch
 from hf_ftkit.planner.inputs import PlanInputs
 
 _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -59,20 +60,6 @@ def _peak_only_tracker() -> Any:
     return PeakOnlyTracker()
 
 
-def _dtype(name: str) -> Any:
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}[name]
-
-
-def _weight_dtype(inputs: PlanInputs) -> Any:
-    import torch
-
-    if inputs.precision == "fp32" or (inputs.method == "full" and inputs.precision.endswith("-mixed")):
-        return torch.float32
-    return torch.float16 if inputs.precision == "fp16-mixed" else torch.bfloat16
-
-
 def _make_4bit_class() -> Any:
     import bitsandbytes as bnb
     import torch
@@ -85,7 +72,7 @@ def _make_4bit_class() -> Any:
             super().__init__()
             out_f, in_f = linear.weight.shape
             self.in_features, self.out_features = in_f, out_f
-            storage = _dtype(inputs.quant_storage)
+            storage = to_torch(inputs.quant_storage)
             packed = (out_f * in_f + 1) // 2 // storage.itemsize
             self.weight = torch.nn.Parameter(
                 torch.empty(packed, 1, dtype=storage, device="meta"), requires_grad=False
@@ -100,7 +87,7 @@ def _make_4bit_class() -> Any:
             self._shape = (out_f, in_f)
             self._block = block
             self._quant_type = inputs.quant_type
-            self._compute = _dtype(inputs.compute_dtype)
+            self._compute = to_torch(inputs.compute_dtype)
             self._nested = inputs.double_quant
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +138,7 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
     # flash-attention keeps what SDPA's fused kernels keep (output + log-sum-exp): trace it as sdpa
     config._attn_implementation = "sdpa" if supported and inputs.attn_implementation != "eager" else "eager"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=_weight_dtype(inputs))
+        model = AutoModelForCausalLM.from_config(config, dtype=to_torch(inputs.weight_dtype))
     if inputs.gradient_checkpointing:
         enable_checkpointing(model)
     if inputs.is_peft:

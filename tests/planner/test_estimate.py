@@ -121,11 +121,11 @@ def test_breakdown_sums_to_peak_and_fixed_costs_are_separate_lines():
 
 
 def test_zero2_model_states_follow_deepspeeds_accounting():
-    from hf_ftkit.planner.estimate import _shard
+    from hf_ftkit.planner.estimate import shard_states
 
     spec = resolve_model("meta-llama/Llama-3.1-8B")
     inputs = PlanInputs(method="full", gpus=8, shard="zero2")
-    sharded = _shard(model_states(spec, inputs), spec, inputs)
+    sharded = shard_states(model_states(spec, inputs), spec, inputs)
     p = spec.params_total
     # DeepSpeed's estimate_zero2_model_states_mem_needs without offload: 2 P + 18 P / GPUs
     assert sharded.weights + sharded.gradients + sharded.optimizer_states == pytest.approx(2 * p + 18 * p / 8)

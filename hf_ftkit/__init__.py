@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdapterSet": "hf_ftkit.merge.hotswap",
     "BadInputError": "hf_ftkit.errors",
+    "Composition": "hf_ftkit.merge.compose",
+    "MergeResult": "hf_ftkit.merge.run",
+    "MergeVerificationError": "hf_ftkit.errors",
+    "QloraTarget": "hf_ftkit.merge.streaming",
+    "compose": "hf_ftkit.merge.compose",
+    "inspect_adapters": "hf_ftkit.merge.inspect",
+    "merge_adapters": "hf_ftkit.merge.run",
     "DoesNotFitError": "hf_ftkit.errors",
     "HfFtkitError": "hf_ftkit.errors",
     "HfFtkitWarning": "hf_ftkit.errors",
@@ -42,10 +50,16 @@ if TYPE_CHECKING:
         DoesNotFitError,
         HfFtkitError,
         HfFtkitWarning,
+        MergeVerificationError,
         ModelNotFoundError,
     )
     from hf_ftkit.fallback.ladder import LadderLimits, Setup, choose_setup
     from hf_ftkit.fallback.runtime import train_with_fallback
+    from hf_ftkit.merge.compose import Composition, compose
+    from hf_ftkit.merge.hotswap import AdapterSet
+    from hf_ftkit.merge.inspect import inspect_adapters
+    from hf_ftkit.merge.run import MergeResult, merge_adapters
+    from hf_ftkit.merge.streaming import QloraTarget
     from hf_ftkit.planner.api import plan
     from hf_ftkit.planner.budget import parse_budget
     from hf_ftkit.planner.estimate import Plan

@@ -5,7 +5,8 @@ The hierarchy::
     HfFtkitError                  base of every hf-ftkit error
     ├── BadInputError (ValueError)    a value the user passed is wrong; the CLI exits 2
     │   └── ModelNotFoundError        no config for MODEL in any place looked in
-    └── DoesNotFitError               a plan exceeds its budget (raised only on request)
+    ├── DoesNotFitError               a plan exceeds its budget (raised only on request)
+    └── MergeVerificationError        a merged model's outputs differ from base + adapter; nothing written
 
     HfFtkitWarning (UserWarning)  something is probably wrong but the plan still stands
 
@@ -33,3 +34,7 @@ class DoesNotFitError(HfFtkitError):
 
 class HfFtkitWarning(UserWarning):
     """A warning about a questionable but usable input (e.g. a sequence past the model's context)."""
+
+
+class MergeVerificationError(HfFtkitError):
+    """The merged model's outputs differ from base + adapter beyond the tolerance; nothing was written."""

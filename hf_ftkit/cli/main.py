@@ -1,6 +1,6 @@
 """``hf-ftkit``: the command-line entry point.
 
-Exit codes: 0 ok, 1 the plan does not fit (with ``--check``), 2 bad input.
+Exit codes: 0 ok, 1 the plan does not fit (``--check``) or a check failed, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from rich.console import Console
 from hf_ftkit.errors import BadInputError, HfFtkitError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 EXAMPLES = """examples:
   hf-ftkit plan meta-llama/Llama-3.1-8B --budget 24GiB
   hf-ftkit plan Qwen/Qwen2.5-7B --method qlora --gradient-checkpointing --budget rtx4090 --json
   hf-ftkit plan --list-models
+  hf-ftkit merge ./base ./adapter --out ./merged --streaming
+  hf-ftkit adapters inspect ./adapter --for vllm
 """
 
 
@@ -31,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     from hf_ftkit import __version__
-    from hf_ftkit.cli import plan_cmd
+    from hf_ftkit.cli import merge_cmd, plan_cmd
 
     parser = _Parser(
         prog="hf-ftkit",
@@ -42,6 +45,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hf-ftkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     plan_cmd.add_parser(sub)
+    merge_cmd.add_parser(sub)
     return parser
 
 
@@ -64,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HfFtkitError as exc:
         print(f"hf-ftkit: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("hf-ftkit: interrupted; nothing was left half-written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

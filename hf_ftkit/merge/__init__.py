@@ -1,0 +1,1 @@
+"""Adapter inspection, composition, merging (in memory or streaming) and hot-swap serving."""

@@ -1,0 +1,298 @@
+"""``merge_adapters``: compose, merge (in memory or streaming), verify, and write all-or-nothing."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_ftkit._dtypes import to_torch
+from hf_ftkit.errors import BadInputError, MergeVerificationError
+from hf_ftkit.merge._stream_io import base_entries
+from hf_ftkit.merge.adapters import Adapter, read_adapter
+from hf_ftkit.merge.base import read_config, resolve_base_dir
+from hf_ftkit.merge.compose import Composition, compose
+from hf_ftkit.merge.inspect import compatibility
+from hf_ftkit.merge.output import atomic_directory, check_space, check_target
+from hf_ftkit.merge.streaming import (
+    TOKENIZER_FILES,
+    MergePlan,
+    QloraTarget,
+    base_shapes,
+    plan_merge,
+    stream_merge,
+)
+from hf_ftkit.merge.verify import (
+    DEFAULT_TOLERANCE,
+    available_ram,
+    compare,
+    logits_of,
+    model_bytes,
+    prompt_ids,
+    verify_layers,
+)
+
+# Relative tolerance of the layer-by-layer check (float32 exact up to reassociation; 16-bit up to rounding).
+LAYER_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class MergeResult:
+    """What ``merge_adapters`` wrote and what it measured."""
+
+    out: Path
+    mode: str  # "adapter", "in-memory" or "streaming"
+    composition: dict[str, Any]
+    verification: dict[str, Any] | None = None
+    qlora: dict[str, Any] | None = None
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "mode": self.mode,
+            "composition": self.composition,
+            "verification": self.verification,
+            "qlora": self.qlora,
+            "config_updates": self.config_updates,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def merge_adapters(
+    base: str | Path,
+    adapters: list[str | Path],
+    out: str | Path,
+    *,
+    weights: list[float] | None = None,
+    method: str = "exact",
+    density: float | None = None,
+    svd_rank: int | None = None,
+    adapter_only: bool = False,
+    dtype: str | None = None,
+    streaming: bool = False,
+    qlora: QloraTarget | None = None,
+    verify: bool = True,
+    prompts: list[str] | None = None,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeResult:
+    """Compose ``adapters`` and write the result: an adapter (``adapter_only``) or the merged model.
+
+    The output appears at ``out`` only complete and verified; on any failure nothing is left there.
+
+    Example:
+        >>> merge_adapters("base_dir", ["adapter_dir"], "merged", dtype="bf16", streaming=True).verification
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise BadInputError(f"unknown --dtype {dtype!r}; use one of: {', '.join(DTYPES)}.")
+    torch_dtype = to_torch(dtype) if dtype else None
+    check_target(out.absolute(), overwrite)
+    read = [read_adapter(p, allow_pickle=allow_pickle) for p in adapters]
+    base_dir = None if adapter_only else resolve_base_dir(base)
+    composition = compose(base_dir or base, list(read), weights, method, density=density, svd_rank=svd_rank)
+    if adapter_only:
+        with atomic_directory(out, overwrite=overwrite) as partial:
+            composition.save(partial)
+            _copy_tokenizer(read[0].path, partial)
+        return MergeResult(out, "adapter", composition.report(), seconds=time.perf_counter() - started)
+    assert base_dir is not None
+    read_config(base_dir)
+    with tempfile.TemporaryDirectory(prefix="hf-ftkit-merge-") as scratch:
+        base_dir = _safetensors_base(base_dir, allow_pickle, Path(scratch) / "base")
+        options = _Options(torch_dtype, streaming, qlora, verify, prompts, tolerance, overwrite, max_shard_bytes,
+                           progress, started)
+        return _merge_into_base(base_dir, read, composition, out, Path(scratch) / "adapter", options)
+
+
+def _safetensors_base(base_dir: Path, allow_pickle: bool, scratch: Path) -> Path:
+    """The base itself when it is safetensors; a pickle base is converted once (only with allow_pickle)."""
+    if list(base_dir.glob("*.safetensors")):
+        return base_dir
+    if not list(base_dir.glob("*.bin")):
+        raise BadInputError(f"{base_dir} has no model weights (*.safetensors); pass a complete checkpoint directory.")
+    if not allow_pickle:
+        raise BadInputError(
+            f"the base in {base_dir} holds pickle weights (*.bin), which can run code when loaded; convert it to "
+            "safetensors or pass --allow-pickle if you trust it."
+        )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=False)
+    model.save_pretrained(scratch)
+    _copy_tokenizer(base_dir, scratch)
+    for extra in ("generation_config.json",):
+        if (base_dir / extra).is_file():
+            shutil.copy2(base_dir / extra, scratch / extra)
+    return scratch
+
+
+@dataclass
+class _Options:
+    dtype: torch.dtype | None
+    streaming: bool
+    qlora: QloraTarget | None
+    verify: bool
+    prompts: list[str] | None
+    tolerance: float | None
+    overwrite: bool
+    max_shard_bytes: int
+    progress: Callable[[int, int], None] | None
+    started: float
+
+
+def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Composition, out: Path, adapter_dir: Path,
+                     options: _Options) -> MergeResult:
+    torch_dtype, streaming, qlora = options.dtype, options.streaming, options.qlora
+    errors = [f for f in compatibility(read, base_shapes(base_dir)) if f.level == "error"]
+    if errors:
+        raise BadInputError(errors[0].message)
+    adapter = composition.as_adapter(read[0].path)
+    plan = plan_merge(base_dir, adapter, torch_dtype, qlora)
+    check_space(out, plan.total_bytes)
+    result = MergeResult(out, "streaming" if streaming else "in-memory", composition.report(),
+                         config_updates=plan.config_updates)
+    adapter_dir.mkdir()
+    composition.save(adapter_dir)
+    with atomic_directory(out, overwrite=options.overwrite) as partial:
+        if streaming:
+            stream_merge(base_dir, adapter, partial, dtype=torch_dtype, qlora=qlora,
+                         max_shard_bytes=options.max_shard_bytes, progress=options.progress,
+                         extra_files_from=read[0].path)
+        else:
+            _merge_in_memory(base_dir, adapter_dir, partial, plan, torch_dtype, qlora, options.max_shard_bytes)
+            _copy_tokenizer(base_dir, partial)
+            _copy_tokenizer(read[0].path, partial)
+        if options.verify:
+            result.verification, result.qlora = _verify(
+                base_dir, adapter_dir, partial, plan, composition, torch_dtype, qlora, options.prompts,
+                options.tolerance, streaming)
+            if not result.verification["passed"]:
+                raise MergeVerificationError(
+                    f"the merged model differs from base + adapter by "
+                    f"{result.verification['max_abs_logit_diff']:.3g} (tolerance "
+                    f"{result.verification['tolerance']:.3g}), so nothing was written; raise --tolerance if this "
+                    "is expected rounding, or check that the base is the one the adapter was trained on."
+                )
+    result.seconds = time.perf_counter() - options.started
+    return result
+
+
+def _copy_tokenizer(source: Path, destination: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
+
+
+def _load_base(base_dir: Path, plan: MergePlan, dtype: torch.dtype | None, quantization: Any = None) -> Any:
+    """The base as the adapter expects it: resized vocabulary, untied embeddings when the merge unties them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=dtype or "auto", quantization_config=quantization, low_cpu_mem_usage=True
+    )
+    vocab = plan.config_updates.get("vocab_size")
+    if vocab:
+        model.resize_token_embeddings(vocab)
+    if plan.config_updates.get("tie_word_embeddings") is False:
+        output = model.get_output_embeddings()
+        output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    return model
+
+
+def _merge_in_memory(base_dir: Path, adapter_dir: Path, out_dir: Path, plan: MergePlan, dtype: torch.dtype | None,
+                     qlora: QloraTarget | None, max_shard_bytes: int) -> None:
+    from peft import PeftModel
+
+    from hf_ftkit.merge.streaming import dequantized
+
+    model = _load_base(base_dir, plan, dtype)
+    if qlora is not None:
+        params = dict(model.named_parameters())
+        for name in plan.quantized:
+            params[name].data = dequantized(params[name].data, qlora).to(params[name].dtype)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, max_shard_size=max_shard_bytes)
+    del merged, model
+    gc.collect()
+
+
+def _verify(base_dir: Path, adapter_dir: Path, out_dir: Path, plan: MergePlan, composition: Composition,
+            dtype: torch.dtype | None, qlora: QloraTarget | None, prompts: list[str] | None,
+            tolerance: float | None, streaming: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    entries = base_entries(base_dir)
+    out_dtype = dtype or next(e.dtype for e in entries.values() if e.dtype.is_floating_point)
+    needed = model_bytes(entries) * 3
+    if streaming and needed > available_ram():
+        written = base_entries(out_dir)
+        modules = composition.as_adapter().modules()
+        check = verify_layers({f"{n}.weight": m for n, m in modules.items()}, written, entries,
+                              tolerance or LAYER_TOLERANCE.get(out_dtype, 2e-2))
+        return check.to_dict(), None
+    vocab = plan.config_updates.get("vocab_size") or int(read_config(base_dir).get("vocab_size", 32000))
+    tokenizer_dir = out_dir if (out_dir / "tokenizer_config.json").is_file() else base_dir
+    inputs = prompt_ids(tokenizer_dir, prompts, vocab)
+    merged = _logits(lambda: _load_merged(out_dir, dtype), inputs)
+    # The truth is base + adapter in float32; a 16-bit merge is judged against the rounding the same
+    # unmerged model shows in that dtype (the base alone moves logits by ~1-2 in bf16).
+    truth = _logits(lambda: _with_adapter(_load_base(base_dir, plan, torch.float32), adapter_dir), inputs)
+    limit = DEFAULT_TOLERANCE.get(out_dtype, 1.0)
+    noise = 0.0
+    if out_dtype != torch.float32:
+        same_dtype = _logits(lambda: _with_adapter(_load_base(base_dir, plan, out_dtype), adapter_dir), inputs)
+        noise = compare(truth, same_dtype, limit).max_abs_logit_diff
+        limit = max(limit, 2 * noise)
+    limit = tolerance if tolerance is not None else limit
+    if qlora is None:
+        return {**compare(truth, merged, limit).to_dict(), "dtype_noise": noise}, None
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qlora.quant_type,
+                             bnb_4bit_use_double_quant=qlora.double_quant, bnb_4bit_compute_dtype=qlora.load_dtype)
+    trained = _logits(lambda: _with_adapter(_load_base(base_dir, plan, qlora.load_dtype, bnb), adapter_dir), inputs)
+    against_training = compare(trained, merged, limit)
+    check = against_training if qlora.target == "dequantized" else compare(truth, merged, limit)
+    report = {
+        "training_reference": f"{qlora.quant_type} 4-bit base + adapter (what the adapter was trained against)",
+        "target": qlora.target,
+        "matches_training": "dequantized",
+        "merged_vs_training": against_training.max_abs_logit_diff,
+        "merged_vs_16bit_base_plus_adapter": compare(truth, merged, limit).max_abs_logit_diff,
+        "original_target_vs_training": compare(trained, truth, limit).max_abs_logit_diff,
+    }
+    return {**check.to_dict(), "dtype_noise": noise}, report
+
+
+def _logits(load: Callable[[], Any], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    model = load()
+    logits = logits_of(model, inputs)
+    del model
+    gc.collect()
+    return logits
+
+
+def _load_merged(out_dir: Path, dtype: torch.dtype | None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype or "auto")
+
+
+def _with_adapter(model: Any, adapter_dir: Path) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir)

@@ -4,6 +4,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
@@ -32,3 +33,46 @@ def smollm2_dir() -> Path:
     from hf_ftkit.testing import smollm2_path
 
     return smollm2_path()
+
+
+# name -> LoraConfig kwargs. Two same-rank plain adapters (for the equal-rank methods), rsLoRA, DoRA,
+# modules_to_save on the tied lm_head, LoRA on the tied input embedding, and a narrow pair.
+ADAPTERS = {
+    "task_a": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "task_b": dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+    "rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]),
+    "dora": dict(r=4, use_dora=True, target_modules=["q_proj", "o_proj"]),
+    "head": dict(r=4, target_modules=["k_proj"], modules_to_save=["lm_head"]),
+    "embed": dict(r=4, target_modules=["embed_tokens", "q_proj"]),
+    # small same-rank pair for the SVD-based methods, which cost one SVD per targeted layer
+    "narrow_a": dict(r=8, lora_alpha=16, target_modules=["q_proj"]),
+    "narrow_b": dict(r=8, lora_alpha=8, target_modules=["q_proj"], use_rslora=True),
+}
+
+
+def build_adapter(base_dir: Path, out: Path, seed: int, **lora: object) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))  # type: ignore[arg-type]
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                param.mul_(0.05)  # a realistic update size: logits move by O(1), not O(100)
+            elif "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: build_adapter(smollm2_dir, root / name, seed, **kw)
+            for seed, (name, kw) in enumerate(ADAPTERS.items())}

@@ -151,7 +151,7 @@ def _merge_table(data: dict[str, Any]) -> Table:
     if qlora:
         table.add_row("QLoRA target", f"{qlora['target']} (the dequantized target matches training)")
         table.add_row("vs 4-bit training model", f"merged {qlora['merged_vs_training']:.3g}; original-base target "
-                                                 f"{qlora['original_target_vs_training']:.3g} max |Δlogit|")
+                                                 f"{qlora['original_target_vs_training']:.3g} (max |Δlogit|)")
     for key, value in data.get("config_updates", {}).items():
         table.add_row("config", f"{key} = {value}")
     table.add_row("time", f"{data['seconds']:.1f} s")

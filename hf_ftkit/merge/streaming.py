@@ -108,7 +108,7 @@ def plan_merge(base_dir: Path, adapter: Adapter, dtype: torch.dtype | None, qlor
         updates["tie_word_embeddings"] = False
     if in_name in replacements and int(replacements[in_name].shape[0]) != config.get("vocab_size"):
         updates["vocab_size"] = int(replacements[in_name].shape[0])
-    quantized = _quantized_weights(config, names) if qlora and qlora.target == "dequantized" else set()
+    quantized = quantized_weights(config, names) if qlora and qlora.target == "dequantized" else set()
     return MergePlan(outputs, sources, modules, replacements, quantized, updates)
 
 
@@ -167,7 +167,7 @@ def _embedding_names(config: dict[str, Any]) -> tuple[str, str, bool]:
     return in_name, out_name, tied
 
 
-def _quantized_weights(config: dict[str, Any], names: list[str]) -> set[str]:
+def quantized_weights(config: dict[str, Any], names: list[str]) -> set[str]:
     """The weights transformers would load as bitsandbytes 4-bit: every nn.Linear but the kept-out modules."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
@@ -186,6 +186,8 @@ def _quantized_weights(config: dict[str, Any], names: list[str]) -> set[str]:
 def merged_weight(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     """``W + ΔW`` (DoRA: rescaled by magnitude / ‖W + ΔW‖) in float32, as PEFT's merge computes it."""
     delta = module.delta()
+    if module.kind == "embedding":  # PEFT's Embedding.merge rounds ΔW to the weight's dtype before adding
+        delta = delta.to(weight.dtype).float()
     if module.magnitude is None:
         return weight.float() + delta
     from peft.tuners.lora.dora import DoraLinearLayer
@@ -259,6 +261,9 @@ def _write_one(writer: ShardWriter, tensor: OutTensor, plan: MergePlan, qlora: Q
             writer.write_tensor(name, read_tensor(source).to(tensor.dtype))
         return
     weight = replacement if replacement is not None else read_tensor(source)  # type: ignore[arg-type]
+    if weight.is_floating_point() and weight.dtype != tensor.dtype:
+        # the same inputs PEFT sees: the base loaded in the output dtype, then W + ΔW in float32, rounded once
+        weight = weight.to(tensor.dtype)
     if name in plan.quantized and qlora is not None:
         weight = dequantized(weight, qlora)
     if module is not None:

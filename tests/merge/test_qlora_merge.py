@@ -57,7 +57,8 @@ def test_dequantized_weights_are_bitsandbytes_roundtrip_plus_delta(smollm2_dir, 
                    qlora=QloraTarget("dequantized"), verify=False)
     merge_adapters(smollm2_dir, [qlora_adapter], tmp_path / "m", dtype="bf16", qlora=QloraTarget("dequantized"),
                    verify=False)
-    streamed, in_memory = load_file(str(tmp_path / "s/model.safetensors")), load_file(str(tmp_path / "m/model.safetensors"))
+    streamed = load_file(str(tmp_path / "s/model.safetensors"))
+    in_memory = load_file(str(tmp_path / "m/model.safetensors"))
     assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
     base = load_file(str(smollm2_dir / "model.safetensors"))
     name = "model.layers.2.mlp.up_proj"

@@ -50,7 +50,8 @@ def test_reader_matches_safetensors_and_copies_raw_bytes(tmp_path):
     assert {e.name for e in entries} == set(TENSORS)
     for entry in entries:
         assert torch.equal(read_tensor(entry), TENSORS[entry.name])
-        assert b"".join(iter_raw_chunks(entry, chunk=4)) == TENSORS[entry.name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        raw = TENSORS[entry.name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        assert b"".join(iter_raw_chunks(entry, chunk=4)) == raw
 
 
 def test_truncated_and_garbage_files_are_bad_input(tmp_path):
@@ -66,7 +67,8 @@ def test_truncated_and_garbage_files_are_bad_input(tmp_path):
 
 
 def test_writer_refuses_out_of_order_or_wrong_shape(tmp_path):
-    writer = ShardWriter(tmp_path / "w.safetensors", [OutTensor("a", torch.float32, (2,)), OutTensor("b", torch.float32, (2,))])
+    declared = [OutTensor("a", torch.float32, (2,)), OutTensor("b", torch.float32, (2,))]
+    writer = ShardWriter(tmp_path / "w.safetensors", declared)
     with pytest.raises(RuntimeError, match="order"):
         writer.write_tensor("b", torch.zeros(2))
     with pytest.raises(RuntimeError, match="declared"):

@@ -10,6 +10,7 @@ The files it writes are read back with the ``safetensors`` library itself in the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -86,26 +87,31 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     return entries, metadata
 
 
-def read_tensor(entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor into fresh memory (no mmap: nothing stays resident after it is dropped)."""
-    buffer = bytearray(entry.nbytes)
-    with entry.file.open("rb", buffering=0) as handle:
-        view = memoryview(buffer)
-        done = 0
-        while done < entry.nbytes:
-            got = os.preadv(handle.fileno(), [view[done:]], entry.offset + done)
-            if got <= 0:
-                raise BadInputError(f"{entry.file} ended while reading {entry.name}; the file is truncated.")
-            done += got
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+def read_tensor(entry: TensorEntry, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor (no mmap: nothing stays resident after it is dropped).
+
+    ``into``, a flat uint8 buffer of at least ``entry.nbytes``, is filled and viewed instead of allocating:
+    reusing buffers avoids re-faulting fresh pages for every tensor, which dominates a streaming merge's time.
+    """
+    if into is None:
+        into = torch.empty(entry.nbytes, dtype=torch.uint8)
+    target = into[: entry.nbytes]
+    if entry.nbytes:
+        view = memoryview(target.numpy()).cast("B")  # type: ignore[arg-type]
+        with entry.file.open("rb", buffering=0) as handle:
+            done = 0
+            while done < entry.nbytes:
+                got = os.preadv(handle.fileno(), [view[done:]], entry.offset + done)
+                if got <= 0:
+                    raise BadInputError(f"{entry.file} ended while reading {entry.name}; the file is truncated.")
+                done += got
+    return target.view(entry.dtype).reshape(entry.shape)
 
 
-def iter_raw_chunks(entry: TensorEntry, chunk: int = _CHUNK) -> Iterator[bytes]:
-    """A tensor's bytes in chunks, for copying an unchanged tensor without holding it whole."""
+def iter_raw_chunks(entry: TensorEntry, chunk: int = _CHUNK, start: int = 0) -> Iterator[bytes]:
+    """A tensor's bytes in chunks (from byte ``start``), for copying it without holding it whole."""
     with entry.file.open("rb", buffering=0) as handle:
-        done = 0
+        done = start
         while done < entry.nbytes:
             data = os.pread(handle.fileno(), min(chunk, entry.nbytes - done), entry.offset + done)
             if not data:
@@ -146,8 +152,8 @@ class ShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self._pending = list(tensors)
-        self._handle = path.open("wb")
-        self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._handle = path.open("wb", buffering=0)  # unbuffered: copy_from writes through the fd directly
+        self._write_all(struct.pack("<Q", len(encoded)) + encoded)
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         expected = self._next(name)
@@ -155,21 +161,46 @@ class ShardWriter:
             raise RuntimeError(f"{name}: got {tensor.dtype}{tuple(tensor.shape)}, declared {expected}")
         flat = tensor.contiguous().reshape(-1)
         if flat.numel():
-            self._handle.write(flat.view(torch.uint8).numpy().data)
+            self._write_all(flat.view(torch.uint8).numpy().data)
+
+    def copy_from(self, name: str, entry: TensorEntry) -> None:
+        """Copy an unchanged tensor's bytes file to file inside the kernel (``copy_file_range``), no user memory."""
+        expected = self._next(name)
+        if expected.nbytes != entry.nbytes:
+            raise RuntimeError(f"{name}: source has {entry.nbytes} bytes, declared {expected.nbytes}")
+        with entry.file.open("rb", buffering=0) as source:
+            done = 0
+            try:
+                while done < entry.nbytes:
+                    copied = os.copy_file_range(source.fileno(), self._handle.fileno(), entry.nbytes - done,
+                                                entry.offset + done)
+                    if copied <= 0:
+                        raise BadInputError(f"{entry.file} ended while reading {name}; the file is truncated.")
+                    done += copied
+            except (AttributeError, OSError) as exc:  # no copy_file_range here (or across these filesystems)
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise
+                for chunk in iter_raw_chunks(entry, start=done):
+                    self._write_all(chunk)
 
     def write_raw(self, name: str, chunks: Iterator[bytes]) -> None:
         expected = self._next(name)
         written = 0
         for chunk in chunks:
-            self._handle.write(chunk)
+            self._write_all(chunk)
             written += len(chunk)
         if written != expected.nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, declared {expected.nbytes}")
 
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # an unbuffered write may take less than it was given
+            written = self._handle.write(view)
+            view = view[written or 0:]
+
     def close(self) -> None:
         if self._pending:
             raise RuntimeError(f"shard closed with {len(self._pending)} tensors unwritten")
-        self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
 

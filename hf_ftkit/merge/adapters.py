@@ -53,7 +53,7 @@ class LoraModule:
         product = self.lora_B.float() @ self.lora_A.float()
         if self.kind == "embedding" or self.fan_in_fan_out:
             product = product.T
-        return product * self.scaling
+        return product.mul_(self.scaling)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` float32 with ``delta() == left @ right`` up to rounding (for norms without ΔW)."""

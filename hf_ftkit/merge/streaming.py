@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,6 @@ from hf_ftkit.merge._stream_io import (
     ShardWriter,
     TensorEntry,
     base_entries,
-    iter_raw_chunks,
     read_tensor,
     shard_names,
     split_shards,
@@ -189,7 +189,7 @@ def merged_weight(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     if module.kind == "embedding":  # PEFT's Embedding.merge rounds ΔW to the weight's dtype before adding
         delta = delta.to(weight.dtype).float()
     if module.magnitude is None:
-        return weight.float() + delta
+        return delta.add_(weight)  # float32 ΔW + W, the same sum PEFT's in-place merge computes
     from peft.tuners.lora.dora import DoraLinearLayer
 
     norm = DoraLinearLayer(fan_in_fan_out=module.fan_in_fan_out).get_weight_norm(weight.float(), delta, scaling=1)
@@ -226,19 +226,39 @@ def stream_merge(
     files = shard_names(len(shards))
     done = 0
     weight_map = {}
-    for file, shard in zip(files, shards, strict=True):
-        writer = ShardWriter(out_dir / file, shard)
+    # Three stages overlap: the next input is read and the previous output written while this one is
+    # computed (torch and file I/O release the GIL); at most one tensor waits in each stage.
+    with ThreadPoolExecutor(1, "hf-ftkit-read") as reader, ThreadPoolExecutor(1, "hf-ftkit-write") as writes:
+        order = [(file, tensor) for file, shard in zip(files, shards, strict=True) for tensor in shard]
+        space = _Workspace(plan, [t for _, t in order])
+        upcoming = reader.submit(_input_of, order[0][1], plan, space.read(0)) if order else None
+        pending: Future[None] | None = None
+        writers: dict[str, ShardWriter] = {}
         try:
-            for tensor in shard:
-                _write_one(writer, tensor, plan, qlora)
+            for i, (file, tensor) in enumerate(order):
+                weight = upcoming.result() if upcoming else None
+                if i + 1 < len(order):
+                    upcoming = reader.submit(_input_of, order[i + 1][1], plan, space.read(i + 1))
+                else:
+                    upcoming = None
+                output = None if weight is None else _output_of(tensor, weight, plan, qlora, space, i)
+                if pending is not None:
+                    pending.result()
+                if file not in writers:
+                    _close_previous(writers)
+                    writers[file] = ShardWriter(out_dir / file, [t for f, t in order if f == file])
+                pending = writes.submit(_write, writers[file], tensor, output, plan)
                 weight_map[tensor.name] = file
                 done += tensor.nbytes
                 if progress:
                     progress(done, plan.total_bytes)
+            if pending is not None:
+                pending.result()
+            _close_previous(writers)
         except BaseException:
-            writer.abort()
+            for writer in writers.values():
+                writer.abort()
             raise
-        writer.close()
     if len(files) > 1:
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -246,32 +266,99 @@ def stream_merge(
     return plan
 
 
-def _write_one(writer: ShardWriter, tensor: OutTensor, plan: MergePlan, qlora: QloraTarget | None) -> None:
-    name, source = tensor.name, plan.sources[tensor.name]
-    module = plan.modules.get(name)
-    replacement = plan.replacements.get(name)
-    bias_module = plan.modules.get(name.removesuffix(".bias") + ".weight") if name.endswith(".bias") else None
-    if bias_module is not None and bias_module.bias is None:
-        bias_module = None
-    if module is None and replacement is None and bias_module is None and name not in plan.quantized:
+def _close_previous(writers: dict[str, ShardWriter]) -> None:
+    for file in list(writers):
+        writers.pop(file).close()
+
+
+def _needs_compute(tensor: OutTensor, plan: MergePlan) -> bool:
+    name = tensor.name
+    return (name in plan.modules or name in plan.replacements or name in plan.quantized
+            or _bias_module(name, plan) is not None)
+
+
+def _bias_module(name: str, plan: MergePlan) -> LoraModule | None:
+    if not name.endswith(".bias"):
+        return None
+    module = plan.modules.get(name.removesuffix(".bias") + ".weight")
+    return module if module is not None and module.bias is not None else None
+
+
+class _Workspace:
+    """Reused buffers for the common case (plain LoRA on a linear weight, dtype unchanged): two read slots,
+    one float32 ΔW and two output slots, each as large as the largest such tensor. Fresh allocations of that
+    size would be returned to the OS and re-faulted for every tensor, which costs more than the arithmetic.
+    """
+
+    def __init__(self, plan: MergePlan, tensors: list[OutTensor]) -> None:
+        fast = [t for t in tensors if _fast_path(t, plan)]
+        biggest = max((t.nbytes // torch.empty((), dtype=t.dtype).element_size() for t in fast), default=0)
+        widest = max((torch.empty((), dtype=t.dtype).element_size() for t in fast), default=1)
+        self.reads = [torch.empty(biggest * widest, dtype=torch.uint8) for _ in range(2)]
+        self.outputs = [torch.empty(biggest * widest, dtype=torch.uint8) for _ in range(2)]
+        self.delta = torch.empty(biggest, dtype=torch.float32)
+        self.fast = {t.name for t in fast}
+
+    def read(self, index: int) -> torch.Tensor:
+        return self.reads[index % 2]
+
+
+def _fast_path(tensor: OutTensor, plan: MergePlan) -> bool:
+    module, source = plan.modules.get(tensor.name), plan.sources.get(tensor.name)
+    return (module is not None and module.kind == "linear" and module.magnitude is None
+            and not module.fan_in_fan_out and source is not None and source.dtype == tensor.dtype
+            and tensor.name not in plan.replacements and tensor.name not in plan.quantized)
+
+
+def _input_of(tensor: OutTensor, plan: MergePlan, buffer: torch.Tensor) -> torch.Tensor | None:
+    """The tensor to transform, read from the base (or the adapter's replacement); None: copy bytes as they are."""
+    source = plan.sources[tensor.name]
+    if not _needs_compute(tensor, plan):
         assert source is not None
-        if source.dtype == tensor.dtype:
-            writer.write_raw(name, iter_raw_chunks(source))
-        else:
-            writer.write_tensor(name, read_tensor(source).to(tensor.dtype))
-        return
-    weight = replacement if replacement is not None else read_tensor(source)  # type: ignore[arg-type]
+        return None if source.dtype == tensor.dtype else read_tensor(source)
+    replacement = plan.replacements.get(tensor.name)
+    if replacement is not None:
+        return replacement
+    assert source is not None
+    return read_tensor(source, into=buffer if buffer.numel() >= source.nbytes else None)
+
+
+def _output_of(tensor: OutTensor, weight: torch.Tensor, plan: MergePlan, qlora: QloraTarget | None,
+               space: _Workspace, index: int) -> torch.Tensor:
+    name = tensor.name
+    if name in space.fast:  # W + scaling·(B @ A) with the same float32 operations as PEFT, in reused buffers
+        lora = plan.modules[name]
+        delta = torch.matmul(lora.lora_B.float(), lora.lora_A.float(),
+                             out=space.delta[: weight.numel()].view(weight.shape))
+        delta.mul_(lora.scaling).add_(weight)
+        out = space.outputs[index % 2][: tensor.nbytes].view(tensor.dtype).view(weight.shape)
+        return out.copy_(delta)
+    original = weight
     if weight.is_floating_point() and weight.dtype != tensor.dtype:
         # the same inputs PEFT sees: the base loaded in the output dtype, then W + ΔW in float32, rounded once
         weight = weight.to(tensor.dtype)
     if name in plan.quantized and qlora is not None:
         weight = dequantized(weight, qlora)
+    module = plan.modules.get(name)
     if module is not None:
         weight = merged_weight(weight, module)
+    bias_module = _bias_module(name, plan)
     if bias_module is not None:
         assert bias_module.bias is not None
         weight = weight.float() + bias_module.bias.float() * bias_module.scaling
-    writer.write_tensor(name, weight.to(tensor.dtype))
+    weight = weight.to(tensor.dtype)
+    if weight.untyped_storage().data_ptr() == original.untyped_storage().data_ptr():
+        weight = weight.clone()  # the read buffer is reused for a later tensor while this one is written
+    return weight
+
+
+def _write(writer: ShardWriter, tensor: OutTensor, output: torch.Tensor | None, plan: MergePlan) -> None:
+    if output is None:
+        source = plan.sources[tensor.name]
+        assert source is not None
+        writer.copy_from(tensor.name, source)
+    else:
+        writer.write_tensor(tensor.name, output)
 
 
 def copy_model_files(

@@ -11,7 +11,7 @@ import torch
 
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.merge.adapters import read_adapter
-from hf_ftkit.merge.inspect import compatibility
+from hf_ftkit.merge.inspect import shapes_agree
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -42,7 +42,7 @@ class AdapterSet:
         if bad:
             raise BadInputError(f"adapter name {bad[0]!r} is not allowed; use a plain name without dots.")
         read = {name: read_adapter(path, allow_pickle=allow_pickle) for name, path in adapters.items()}
-        errors = [f for f in compatibility(list(read.values())) if f.level == "error" and "DoRA" not in f.message]
+        errors = shapes_agree(list(read.values()))  # each adapter keeps its own modules; only shapes must agree
         if errors:
             raise BadInputError(errors[0].message)
         if isinstance(base, str | Path):

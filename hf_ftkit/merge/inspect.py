@@ -112,7 +112,7 @@ def compatibility(adapters: list[Adapter], base_shapes: dict[str, tuple[int, ...
     names = {a.base_model for a in adapters}
     if len(names) > 1:
         findings.append(Finding("warning", f"the adapters name different bases ({', '.join(map(str, names))})."))
-    findings += _shapes_agree(adapters)
+    findings += shapes_agree(adapters)
     ranks = {a.path.name: sorted({m.rank for m in a.modules().values()}) for a in adapters}
     if len({tuple(r) for r in ranks.values()}) > 1:
         findings.append(
@@ -156,7 +156,8 @@ def _single(adapter: Adapter) -> list[Finding]:
     return []
 
 
-def _shapes_agree(adapters: list[Adapter]) -> list[Finding]:
+def shapes_agree(adapters: list[Adapter]) -> list[Finding]:
+    """Errors for modules that two adapters give different shapes (they were trained on different bases)."""
     seen: dict[str, tuple[tuple[int, ...], str]] = {}
     findings = []
     for adapter in adapters:
@@ -182,7 +183,7 @@ def _against_base(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]]) -> 
             findings.append(
                 Finding("error", f"{adapter.path} targets {name}, which the base lacks: it is for another base.")
             )
-        elif tuple(shape) != tuple(module.delta_shape()) and not _resized_rows(adapter, name, shape, module):
+        elif tuple(shape) != tuple(module.delta_shape()) and not _resized_rows(adapter, name, module):
             findings.append(
                 Finding(
                     "error",
@@ -212,7 +213,7 @@ def _against_base(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]]) -> 
     return findings
 
 
-def _resized_rows(adapter: Adapter, name: str, shape: tuple[int, ...], module: Any) -> bool:
+def _resized_rows(adapter: Adapter, name: str, module: Any) -> bool:
     """An embedding LoRA on a resized vocabulary: the adapter's rows follow its own saved embedding."""
     return module.kind == "embedding" and f"{name}.weight" in adapter.full_tensors()
 

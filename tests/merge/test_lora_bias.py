@@ -74,3 +74,19 @@ def test_bias_merge_equals_peft(qwen, tmp_path):
 def test_approximate_methods_refuse_biases(qwen):
     with pytest.raises(BadInputError, match="cannot combine lora_bias"):
         compose(qwen / "base", [qwen / "b1", qwen / "b2"], method="linear")
+
+
+def test_pickle_base_needs_allow_pickle_and_then_merges_like_safetensors(qwen, tmp_path):
+    import shutil
+
+    base = tmp_path / "pickled_base"
+    base.mkdir()
+    shutil.copy(qwen / "base" / "config.json", base / "config.json")
+    torch.save(load_file(str(qwen / "base" / "model.safetensors")), base / "pytorch_model.bin")
+    with pytest.raises(BadInputError, match="pickle weights"):
+        merge_adapters(base, [qwen / "b1"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_adapters(base, [qwen / "b1"], tmp_path / "out", allow_pickle=True, streaming=True)
+    merge_adapters(qwen / "base", [qwen / "b1"], tmp_path / "ref", streaming=True)
+    got, want = load_file(str(tmp_path / "out/model.safetensors")), load_file(str(tmp_path / "ref/model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

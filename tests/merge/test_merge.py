@@ -127,3 +127,38 @@ def test_layer_check_is_used_when_the_model_does_not_fit_in_ram(smollm2_dir, ada
     result = merge_adapters(smollm2_dir, [adapters["task_a"]], tmp_path / "m", dtype="bf16", streaming=True)
     assert result.verification["mode"] == "layers" and result.verification["passed"]
     assert result.verification["max_abs_logit_diff"] < 2e-2
+
+
+def test_resized_vocabulary_is_carried_into_the_merge(smollm2_dir, tmp_path):
+    """An adapter trained after adding tokens: its saved embedding replaces the base's, vocab_size follows."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                      init_lora_weights=False))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    param.mul_(0.05)
+        peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    result = merge_adapters(smollm2_dir, [tmp_path / "adapter"], out, dtype="fp32", streaming=True)
+    vocab = json.loads((smollm2_dir / "config.json").read_text())["vocab_size"] + 8
+    assert result.config_updates == {"tie_word_embeddings": False, "vocab_size": vocab}
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab
+    merged = written(out)
+    assert merged["model.embed_tokens.weight"].shape[0] == vocab == merged["lm_head.weight"].shape[0]
+    assert result.verification["passed"] and result.verification["max_abs_logit_diff"] < 1e-3
+    ids = torch.tensor([[1, 2, vocab - 1, vocab - 3]])  # new tokens included
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resized = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+        resized.resize_token_embeddings(vocab)
+        expected = PeftModel.from_pretrained(resized, tmp_path / "adapter")(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert torch.allclose(got, expected, atol=1e-3)

@@ -1,0 +1,139 @@
+"""``ForgettingEvaluator``: held-out data prepared once, measured against a baseline whenever asked.
+
+Used by ``ForgettingCallback`` during training and by ``hf-ftkit forgetting`` for finished models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hf_ftkit.errors import BadInputError
+from hf_ftkit.forgetting.heldout import MIN_TOKENS, Document
+from hf_ftkit.forgetting.metrics import (
+    BaseCache,
+    EncodedSet,
+    Sums,
+    all_reduce,
+    batches_in_step,
+    encode,
+    measure,
+)
+
+
+@dataclass
+class Measurement:
+    """Metrics at one step, absolute and as change from the baseline."""
+
+    step: int
+    values: dict[str, float | None]
+    baseline: dict[str, float | None]
+    tokens: int
+    documents: int
+
+    def deltas(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for key, value in self.values.items():
+            base = self.baseline.get(key)
+            if value is None or base is None or key in ("kl", "top1_agreement"):
+                continue
+            out[f"{key}_delta"] = value - base
+            out[f"{key}_delta_pct"] = 100.0 * (value - base) / base if base else None
+        return out
+
+    def flat(self) -> dict[str, float | None]:
+        return {**self.values, **self.deltas()}
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class ForgettingEvaluator:
+    """Tokenizes the held-out documents for ``tokenizer`` and measures models on them.
+
+    Args:
+        documents: the held-out sample (see ``heldout.sample_documents``).
+        tokenizer: the model's tokenizer.
+        window: rolling-window length in tokens (lm-eval uses the model's maximum length).
+        max_tokens: stop adding documents past this many tokens.
+        batch_tokens: tokens per forward pass (bounds the logits' memory).
+        top_k: tokens of the base distribution kept per position when the base cannot be recomputed.
+    """
+
+    def __init__(self, documents: list[Document], tokenizer: Any, *, window: int = 2048, max_tokens: int = 32768,
+                 batch_tokens: int = 4096, top_k: int = 64) -> None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.encoded: EncodedSet = encode(documents, tokenizer, window=window, batch_tokens=batch_tokens,
+                                          max_tokens=max_tokens, rank=rank, world=world)
+        total = self.encoded if world == 1 else encode(documents, tokenizer, window=window,
+                                                       batch_tokens=batch_tokens, max_tokens=max_tokens)
+        if total.tokens < MIN_TOKENS:
+            raise BadInputError(
+                f"the held-out data has {total.tokens} tokens; at least {MIN_TOKENS} are needed for a meaningful "
+                "measurement, so pass more text."
+            )
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.top_k = top_k
+        self.cache: BaseCache | None = None
+        self.baseline: dict[str, float | None] = {}
+
+    def _run(self, model: Any, *, peft_base: bool, capture: bool, autocast_dtype: torch.dtype | None) -> Sums:
+        def base_logprobs(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            with model.disable_adapter():
+                return model(input_ids=ids, attention_mask=mask).logits
+
+        self.cache = BaseCache(self.top_k) if capture else self.cache
+        sums = measure(
+            model, self.encoded, pad_token=self.pad,
+            base_logprobs=base_logprobs if peft_base else None,
+            cache=None if (peft_base or capture) else self.cache,
+            capture=self.cache if capture else None,
+            autocast_dtype=autocast_dtype, extra_batches=batches_in_step(self.encoded),
+        )
+        return all_reduce(sums)
+
+    def measure(self, model: Any, step: int, *, autocast_dtype: torch.dtype | None = None,
+                baseline: bool = False) -> Measurement:
+        """Evaluate ``model`` (eval mode, inference mode, RNG untouched, mode restored afterwards).
+
+        PEFT models are compared with their own base through ``disable_adapter()``; other models with the
+        top-k distribution captured at the baseline.
+        """
+        peft_base = is_peft(model)
+        rng = _rng_state()
+        was_training = model.training
+        model.eval()
+        try:
+            sums = self._run(model, peft_base=peft_base, capture=baseline and not peft_base,
+                             autocast_dtype=autocast_dtype)
+        finally:
+            model.train(was_training)
+            _restore_rng(rng)
+        values = sums.metrics()
+        if baseline and not peft_base:
+            values["kl"], values["top1_agreement"] = 0.0, 1.0  # the baseline is its own reference
+        if any(v is not None and not math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"held-out metrics are not finite at step {step}: {values}")
+        if baseline:
+            self.baseline = dict(values)
+        return Measurement(step, values, dict(self.baseline), sums.tokens, sums.documents)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -76,3 +76,17 @@ def adapters(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {name: build_adapter(smollm2_dir, root / name, seed, **kw)
             for seed, (name, kw) in enumerate(ADAPTERS.items())}
+
+@pytest.fixture(scope="session")
+def heldout_texts() -> list[str]:
+    """Real English from the Python standard library's module docstrings (offline everywhere)."""
+    from hf_ftkit.forgetting.heldout import stdlib_documents
+
+    return stdlib_documents()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

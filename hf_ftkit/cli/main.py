@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   hf-ftkit plan --list-models
   hf-ftkit merge ./base ./adapter --out ./merged --streaming
   hf-ftkit adapters inspect ./adapter --for vllm
+  hf-ftkit forgetting --base ./base --model ./adapter --data ./heldout/ --json
 """
 
 
@@ -34,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     from hf_ftkit import __version__
-    from hf_ftkit.cli import merge_cmd, plan_cmd
+    from hf_ftkit.cli import forgetting_cmd, merge_cmd, plan_cmd
 
     parser = _Parser(
         prog="hf-ftkit",
@@ -46,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     plan_cmd.add_parser(sub)
     merge_cmd.add_parser(sub)
+    forgetting_cmd.add_parser(sub)
     return parser
 
 

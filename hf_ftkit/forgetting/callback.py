@@ -94,7 +94,8 @@ class ForgettingCallback(TrainerCallback):
         if self.every == "eval":
             self._measure(args, state, control, model)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._measure(args, state, control, model)  # the final numbers (skipped if this step was measured)
         if self.history and state.is_world_process_zero:
             self._write(args.output_dir)
             from hf_ftkit.forgetting.plot import plot_history

@@ -84,10 +84,15 @@ class ForgettingEvaluator:
         self.cache: BaseCache | None = None
         self.baseline: dict[str, float | None] = {}
 
-    def _run(self, model: Any, *, peft_base: bool, capture: bool, autocast_dtype: torch.dtype | None) -> Sums:
+    def _run(self, model: Any, *, peft_base: bool, capture: bool, autocast_dtype: torch.dtype | None,
+             reference: Any = None) -> Sums:
         def base_logprobs(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            if reference is not None:
+                return reference(input_ids=ids, attention_mask=mask).logits
             with model.disable_adapter():
                 return model(input_ids=ids, attention_mask=mask).logits
+
+        peft_base = peft_base or reference is not None
 
         self.cache = BaseCache(self.top_k) if capture else self.cache
         sums = measure(
@@ -100,19 +105,20 @@ class ForgettingEvaluator:
         return all_reduce(sums)
 
     def measure(self, model: Any, step: int, *, autocast_dtype: torch.dtype | None = None,
-                baseline: bool = False) -> Measurement:
+                baseline: bool = False, reference: Any = None) -> Measurement:
         """Evaluate ``model`` (eval mode, inference mode, RNG untouched, mode restored afterwards).
 
-        PEFT models are compared with their own base through ``disable_adapter()``; other models with the
-        top-k distribution captured at the baseline.
+        KL is taken against ``reference`` (a loaded base model) when given; else PEFT models are compared
+        with their own base through ``disable_adapter()`` and other models with the top-k distribution
+        captured at the baseline.
         """
-        peft_base = is_peft(model)
+        peft_base = is_peft(model) or reference is not None
         rng = _rng_state()
         was_training = model.training
         model.eval()
         try:
             sums = self._run(model, peft_base=peft_base, capture=baseline and not peft_base,
-                             autocast_dtype=autocast_dtype)
+                             autocast_dtype=autocast_dtype, reference=reference)
         finally:
             model.train(was_training)
             _restore_rng(rng)

@@ -21,6 +21,10 @@ _EXPORTS = {
     "inspect_adapters": "hf_ftkit.merge.inspect",
     "merge_adapters": "hf_ftkit.merge.run",
     "DoesNotFitError": "hf_ftkit.errors",
+    "ForgettingCallback": "hf_ftkit.forgetting.callback",
+    "ForgettingEvaluator": "hf_ftkit.forgetting.evaluator",
+    "measure_forgetting": "hf_ftkit.forgetting.compare",
+    "stdlib_documents": "hf_ftkit.forgetting.heldout",
     "HfFtkitError": "hf_ftkit.errors",
     "HfFtkitWarning": "hf_ftkit.errors",
     "LadderLimits": "hf_ftkit.fallback.ladder",
@@ -55,6 +59,10 @@ if TYPE_CHECKING:
     )
     from hf_ftkit.fallback.ladder import LadderLimits, Setup, choose_setup
     from hf_ftkit.fallback.runtime import train_with_fallback
+    from hf_ftkit.forgetting.callback import ForgettingCallback
+    from hf_ftkit.forgetting.compare import measure_forgetting
+    from hf_ftkit.forgetting.evaluator import ForgettingEvaluator
+    from hf_ftkit.forgetting.heldout import stdlib_documents
     from hf_ftkit.merge.compose import Composition, compose
     from hf_ftkit.merge.hotswap import AdapterSet
     from hf_ftkit.merge.inspect import inspect_adapters

@@ -11,6 +11,7 @@ EXPECTED = [
     "suggest", "trace_step", "train_with_fallback", "what_fits",
     "AdapterSet", "Composition", "MergeResult", "MergeVerificationError", "QloraTarget", "compose",
     "inspect_adapters", "merge_adapters",
+    "ForgettingCallback", "ForgettingEvaluator", "measure_forgetting", "stdlib_documents",
 ]
 
 

@@ -41,9 +41,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from hf_ftkit.forgetting.compare import REPORTED, compare_models
+    from hf_ftkit.forgetting.compare import REPORTED, measure_forgetting
 
-    result = compare_models(args.base, args.model, args.data, max_tokens=args.max_tokens, window=args.window,
+    result = measure_forgetting(args.base, args.model, args.data, max_tokens=args.max_tokens, window=args.window,
                             column=args.column)
     if args.json:
         print(json.dumps(result, indent=2))

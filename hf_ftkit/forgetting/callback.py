@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,7 @@ class ForgettingCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.crossed: dict[str, Any] | None = None
+        self.seconds_measuring = 0.0
         self._handler: Any = None
         self._disabled = False
         self._warned = False
@@ -81,7 +83,9 @@ class ForgettingCallback(TrainerCallback):
         try:
             self._prepare(model, tokenizer, kwargs.get("train_dataloader"))
             assert self.evaluator is not None
+            started = time.perf_counter()
             baseline = self.evaluator.measure(model, state.global_step, autocast_dtype=_autocast(args), baseline=True)
+            self.seconds_measuring += time.perf_counter() - started
             self._record(baseline, args, state, control, baseline=True)
         except (BadInputError, FloatingPointError, ValueError) as exc:
             self._fail(exc)
@@ -128,11 +132,13 @@ class ForgettingCallback(TrainerCallback):
             return
         if self.history and self.history[-1]["step"] == state.global_step:
             return  # measured at this step already (an evaluation right after a scheduled measurement)
+        started = time.perf_counter()
         try:
             measurement = self.evaluator.measure(model, state.global_step, autocast_dtype=_autocast(args))
         except (FloatingPointError, ValueError) as exc:
             self._fail(exc)
             return
+        self.seconds_measuring += time.perf_counter() - started
         self._record(measurement, args, state, control)
 
     def _record(self, measurement: Measurement, args: Any, state: Any, control: Any, baseline: bool = False) -> None:
@@ -189,7 +195,7 @@ class ForgettingCallback(TrainerCallback):
         if best is not None and not Path(best["checkpoint"]).is_dir():
             best["checkpoint"] = None
         report = {"history": self.history, "best": best, "threshold": self.threshold,
-                  "crossed": self.crossed, "action": self.action}
+                  "crossed": self.crossed, "action": self.action, "seconds_measuring": self.seconds_measuring}
         partial = path / "forgetting.json.partial"
         partial.write_text(json.dumps(report, indent=2) + "\n")
         partial.replace(path / "forgetting.json")

@@ -1,4 +1,4 @@
-"""``compare_models``: the forgetting metrics of a finished model (full or adapter) next to its base's."""
+"""``measure_forgetting``: the forgetting metrics of a finished model (full or adapter) next to its base's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hf_ftkit.forgetting.heldout import load_texts, sample_documents
 REPORTED = ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perplexity")
 
 
-def compare_models(base: str | Path, tuned: str | Path, data: Any, *, max_tokens: int = 32768,
+def measure_forgetting(base: str | Path, tuned: str | Path, data: Any, *, max_tokens: int = 32768,
                    window: int = 2048, batch_tokens: int = 4096, column: str | None = None,
                    seed: int = 0) -> dict[str, Any]:
     """Held-out metrics of ``base`` and ``tuned`` (a model directory or a PEFT adapter directory), KL and
@@ -20,7 +20,7 @@ def compare_models(base: str | Path, tuned: str | Path, data: Any, *, max_tokens
     full model with the base loaded beside it (exact KL).
 
     Example:
-        >>> compare_models("./SmolLM2-135M-Instruct", "./out/adapter", "docs/")["tuned"]["bits_per_byte"]
+        >>> measure_forgetting("./SmolLM2-135M-Instruct", "./out/adapter", "docs/")["tuned"]["bits_per_byte"]
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -113,23 +113,38 @@ class ForgettingEvaluator:
         captured at the baseline.
         """
         peft_base = is_peft(model) or reference is not None
+        untouched = reference is None and peft_base and adapter_is_identity(model)
+        peft_base = peft_base and not untouched  # a fresh adapter is the base: one pass, KL 0 by definition
         rng = _rng_state()
         was_training = model.training
         model.eval()
         try:
-            sums = self._run(model, peft_base=peft_base, capture=baseline and not peft_base,
+            sums = self._run(model, peft_base=peft_base, capture=baseline and not peft_base and not untouched,
                              autocast_dtype=autocast_dtype, reference=reference)
         finally:
             model.train(was_training)
             _restore_rng(rng)
         values = sums.metrics()
-        if baseline and not peft_base:
-            values["kl"], values["top1_agreement"] = 0.0, 1.0  # the baseline is its own reference
+        if (baseline and not peft_base) or untouched:
+            values["kl"], values["top1_agreement"] = 0.0, 1.0  # the model is its own reference
         if any(v is not None and not math.isfinite(v) for v in values.values()):
             raise FloatingPointError(f"held-out metrics are not finite at step {step}: {values}")
         if baseline:
             self.baseline = dict(values)
         return Measurement(step, values, dict(self.baseline), sums.tokens, sums.documents)
+
+
+def adapter_is_identity(model: Any) -> bool:
+    """True when every LoRA B matrix is zero (PEFT's default initialisation) and no DoRA magnitude is trained."""
+    found = False
+    for name, param in model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            return False
+        if "lora_B" in name or "lora_embedding_B" in name:
+            found = True
+            if bool(param.detach().any()):
+                return False
+    return found
 
 
 def _rng_state() -> dict[str, Any]:

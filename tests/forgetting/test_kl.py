@@ -44,8 +44,12 @@ def lora_model(base_dir, *, random_b: bool):
 def test_untouched_model_has_zero_kl_and_full_agreement(smollm2_dir, smollm2_tokenizer, documents):
     model = lora_model(smollm2_dir, random_b=False)  # B = 0: the adapter changes nothing
     result = evaluator(documents, smollm2_tokenizer).measure(model, 0, baseline=True)
-    assert result.values["kl"] == pytest.approx(0, abs=1e-6)
-    assert result.values["top1_agreement"] == 1.0
+    assert result.values["kl"] == 0 and result.values["top1_agreement"] == 1.0  # recognised, one pass
+    base = model.get_base_model()
+    with model.disable_adapter():  # computed: the model against itself as the reference
+        computed = evaluator(documents, smollm2_tokenizer).measure(base, 0, reference=base)
+    assert computed.values["kl"] == pytest.approx(0, abs=1e-6) and computed.values["top1_agreement"] == 1.0
+    assert computed.values["bits_per_byte"] == pytest.approx(result.values["bits_per_byte"], rel=1e-9)
 
 
 def test_kl_is_positive_after_training_steps(smollm2_dir, smollm2_tokenizer, documents):

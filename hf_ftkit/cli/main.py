@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   hf-ftkit merge ./base ./adapter --out ./merged --streaming
   hf-ftkit adapters inspect ./adapter --for vllm
   hf-ftkit forgetting --base ./base --model ./adapter --data ./heldout/ --json
+  hf-ftkit env
 """
 
 
@@ -35,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     from hf_ftkit import __version__
-    from hf_ftkit.cli import forgetting_cmd, merge_cmd, plan_cmd
+    from hf_ftkit.cli import env_cmd, forgetting_cmd, merge_cmd, plan_cmd
 
     parser = _Parser(
         prog="hf-ftkit",
@@ -48,6 +49,7 @@ def make_parser() -> argparse.ArgumentParser:
     plan_cmd.add_parser(sub)
     merge_cmd.add_parser(sub)
     forgetting_cmd.add_parser(sub)
+    env_cmd.add_parser(sub)
     return parser
 
 

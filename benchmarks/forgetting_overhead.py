@@ -38,7 +38,7 @@ def train_once(model_dir: Path, steps: int, batch: int, seq_len: int, callback: 
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(output_dir=str(output), max_steps=steps, per_device_train_batch_size=batch,
-                     learning_rate=2e-4, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
+                     learning_rate=2e-4, logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
                      bf16=False, gradient_checkpointing=False, max_length=seq_len, packing=True, seed=0)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
                          train_dataset=Dataset.from_list(task_rows(64)),
@@ -49,7 +49,9 @@ def train_once(model_dir: Path, steps: int, batch: int, seq_len: int, callback: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
-    return time.perf_counter() - start, steps * batch * seq_len
+    seconds = time.perf_counter() - start
+    logged = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
+    return seconds, int(float(logged[-1])) if logged else steps * batch * seq_len  # tokens trained on
 
 
 def main() -> None:
@@ -85,8 +87,9 @@ def report(args: argparse.Namespace, plain: float, with_callback: float, measuri
     lines = [
         "# ForgettingCallback overhead",
         "",
-        f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, SFTTrainer, {args.steps} steps of {args.batch_size} × "
-        f"{args.seq_len} tokens ({tokens:,} training tokens), CPU (2 cores), median of {args.reps} "
+        f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, SFTTrainer, {args.steps} steps of {args.batch_size} packed "
+        f"sequences of up to {args.seq_len} tokens ({tokens:,} training tokens as SFTTrainer counts them), CPU "
+        f"(2 cores), median of {args.reps} "
         "repetition(s). The callback at its defaults: 32,768 held-out tokens from "
         f"{documents} standard-library docstrings, baseline before step 0 (a fresh adapter is the base: one "
         "pass) and a final measurement (adapter and base through `disable_adapter()`: two passes).",
@@ -100,7 +103,7 @@ def report(args: argparse.Namespace, plain: float, with_callback: float, measuri
         f"- time spent measuring: {measuring:.1f} s in total, fixed per run; training ran at {train_rate:,.0f} "
         "tokens/s",
         f"- the overhead falls under 5% for runs of at least **{break_even:,.0f} training tokens** "
-        f"(≈ {break_even / (args.batch_size * args.seq_len):,.0f} steps of this size); a measurement every N "
+        f"(≈ {break_even / (tokens / args.steps):,.0f} steps of this size); a measurement every N "
         "steps adds its cost once per N steps instead.",
         "",
         f"Command: `python benchmarks/forgetting_overhead.py --steps {args.steps} --reps {args.reps} "

@@ -172,7 +172,7 @@ def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Compositi
         if streaming:
             stream_merge(base_dir, adapter, partial, dtype=torch_dtype, qlora=qlora,
                          max_shard_bytes=options.max_shard_bytes, progress=options.progress,
-                         extra_files_from=read[0].path)
+                         extra_files_from=read[0].path, plan=plan)
         else:
             _merge_in_memory(base_dir, adapter_dir, partial, plan, torch_dtype, qlora, options.max_shard_bytes)
             _copy_tokenizer(base_dir, partial)

@@ -219,9 +219,11 @@ def stream_merge(
     max_shard_bytes: int = 5 * 10**9,
     progress: Progress | None = None,
     extra_files_from: Path | None = None,
+    plan: MergePlan | None = None,
 ) -> MergePlan:
-    """Write ``base + adapter`` into the existing, empty ``out_dir``; returns the plan it followed."""
-    plan = plan_merge(base_dir, adapter, dtype, qlora)
+    """Write ``base + adapter`` into the existing, empty ``out_dir``; returns the plan it followed
+    (``plan``, when the caller already made it with ``plan_merge`` for the same inputs)."""
+    plan = plan or plan_merge(base_dir, adapter, dtype, qlora)
     shards = split_shards(plan.outputs, max_shard_bytes)
     files = shard_names(len(shards))
     done = 0

@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   hf-ftkit merge ./base ./adapter --out ./merged --streaming
   hf-ftkit adapters inspect ./adapter --for vllm
   hf-ftkit forgetting --base ./base --model ./adapter --data ./heldout/ --json
+  hf-ftkit train --config recipes/smollm2/135m_lora_demo.yaml
   hf-ftkit env
 """
 
@@ -36,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     from hf_ftkit import __version__
-    from hf_ftkit.cli import env_cmd, forgetting_cmd, merge_cmd, plan_cmd
+    from hf_ftkit.cli import env_cmd, forgetting_cmd, merge_cmd, plan_cmd, train_cmd
 
     parser = _Parser(
         prog="hf-ftkit",
@@ -49,6 +50,7 @@ def make_parser() -> argparse.ArgumentParser:
     plan_cmd.add_parser(sub)
     merge_cmd.add_parser(sub)
     forgetting_cmd.add_parser(sub)
+    train_cmd.add_parser(sub)
     env_cmd.add_parser(sub)
     return parser
 
@@ -57,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns (and, as a console script, exits with) the exit code."""
     parser = make_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     except SystemExit as exc:  # --help, --version, or a bad flag (already reported in one line)
         return int(exc.code or 0)
     if not getattr(args, "func", None):

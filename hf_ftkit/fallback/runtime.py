@@ -98,6 +98,7 @@ def train_with_fallback(
     *,
     max_fallbacks: int = 3,
     summary_file: str | None = "run_summary.json",
+    resume_from_checkpoint: str | None = None,
 ) -> RunSummary:
     """Train with ``make_trainer(setup, output_dir)``; on a real OOM, step down the ladder and go on.
 
@@ -108,6 +109,7 @@ def train_with_fallback(
         output_dir: where checkpoints go; a restart under a new method uses ``<output_dir>/fallback-<n>-<method>``.
         max_fallbacks: give up (re-raising the last OOM) after this many fallbacks.
         summary_file: name of the JSON summary written into ``output_dir`` (None: do not write).
+        resume_from_checkpoint: a checkpoint of this run to continue the first attempt from.
 
     Example:
         >>> setup = hf_ftkit.choose_setup("meta-llama/Llama-3.1-8B", "24GiB")
@@ -116,7 +118,7 @@ def train_with_fallback(
     root = Path(output_dir)
     current, folder = setup, root
     events: list[FallbackEvent] = []
-    resume: str | None = None
+    resume = resume_from_checkpoint
     while True:
         trainer = make_trainer(current, folder)
         try:

@@ -54,7 +54,15 @@ def _deepspeed(args: Any) -> tuple[str, str]:
 
 
 def _fsdp(args: Any) -> tuple[str, str, str] | None:
-    options = [str(getattr(o, "value", o)) for o in (getattr(args, "fsdp", None) or [])]
+    setting = getattr(args, "fsdp", None)
+    if setting is True:  # transformers v5: fsdp=True, everything else in fsdp_config
+        config = getattr(args, "fsdp_config", None) or {}
+        strategy = "full_shard" if config.get("reshard_after_forward", True) else "shard_grad_op"
+        offload = config.get("cpu_offload") or config.get("offload_params")
+        return "fsdp", strategy, "params" if offload else "none"
+    if isinstance(setting, str):
+        setting = setting.split()
+    options = [str(getattr(o, "value", o)) for o in (setting or [])]
     if not options:
         return None
     strategy = "full_shard"

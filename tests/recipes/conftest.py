@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "recipes" / "smollm2" / "135m_lora_demo.yaml"
+DATA = ROOT / "recipes" / "data" / "iso_dates"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template: for fast recipe runs."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_recipe(path: Path, **values) -> Path:
+    """A recipe file: the tiny CPU defaults below, updated with ``values`` (None removes a key)."""
+    base = {
+        "dataset_name": str(DATA), "output_dir": str(path.parent / "out"), "max_steps": 6,
+        "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 64, "logging_steps": 1,
+        "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False,
+        "gradient_checkpointing": False, "seed": 0, "dtype": "float32", "lora_r": 8, "lora_alpha": 16,
+        "lora_target_modules": "all-linear", "method": "lora", "hardware": "cpu", "budget": "8GiB",
+    }
+    base.update(values)
+    path.write_text(yaml.safe_dump({k: v for k, v in base.items() if v is not None}, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_model_link(smollm2_dir) -> Path:
+    """``models/SmolLM2-135M-Instruct``, where the demo recipe looks (scripts/fetch_smollm2.py makes it too)."""
+    link = ROOT / "models" / "SmolLM2-135M-Instruct"
+    if not link.exists():
+        link.parent.mkdir(exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(smollm2_dir, target_is_directory=True)
+    return link

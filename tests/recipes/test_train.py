@@ -1,0 +1,85 @@
+"""``hf-ftkit train`` for real: SFTTrainer runs on CPU with hf-ftkit's callbacks, outputs and summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from hf_ftkit.cli.main import main
+from hf_ftkit.recipes import load_recipe
+from hf_ftkit.recipes.run import train
+from tests.recipes.conftest import DEMO, write_recipe
+
+SUMMARY_KEYS = {"status", "global_step", "versions", "plan", "chosen_setup", "fallbacks", "measured_memory",
+                "forgetting", "merged", "timings", "final", "resumed_from"}
+
+
+def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_dir):
+    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tiny_model_dir), forgetting_data="stdlib",
+                        forgetting_max_tokens=1024, merge=True, merge_dtype="fp32")
+    assert main(["train", "--config", str(path)]) == 0
+    out = tmp_path / "out"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary["status"] == "completed" and summary["global_step"] == 6
+    assert summary["versions"]["libraries"]["trl"] and summary["versions"]["libraries"]["transformers"]
+    assert summary["chosen_setup"]["method"] == "lora" and summary["plan"]["fits"] is True
+    assert summary["forgetting"]["baseline"]["step"] == 0 and summary["forgetting"]["final"]["step"] == 6
+    assert summary["merged"]["verification"]["max_abs_logit_diff"] < 1e-3
+    assert summary["measured_memory"]["device"] in ("cpu",) or "peak_allocated_bytes" in summary["measured_memory"]
+    assert set(load_file(out / "adapter_model.safetensors")) and (out / "merged" / "model.safetensors").is_file()
+    assert (out / "recipe.yaml").read_text().startswith("# Resolved recipe")
+    assert load_recipe(out / "recipe.yaml").training.max_steps == 6  # the resolved recipe reruns as it is
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "library_name: peft" in card and "hf-ftkit" in card
+
+
+@pytest.mark.slow
+def test_demo_recipe_end_to_end_on_smollm2(tmp_path):
+    out = tmp_path / "demo"
+    code = main(["train", "--config", str(DEMO), "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "6",
+                 "--save_steps", "6", "--logging_steps", "2", "--forgetting_max_tokens", "2048"])
+    assert code == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    final = summary["final"]
+    assert final["last_logged_loss"] < 0.5 * final["first_logged_loss"]  # the task is learnt, not just touched
+    assert final["eval_loss"] is not None
+    forgetting = summary["forgetting"]
+    assert forgetting["final"]["kl"] > 0 and forgetting["final"]["step"] == 12
+    assert summary["merged"]["verification"]["top1_agreement"] == 1.0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.yaml", "README.md",
+                 "forgetting.json", "forgetting.png", "merged/model.safetensors", "merged/config.json"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_qlora_recipe_runs_real_4bit_steps(tmp_path, smollm2_dir):
+    path = write_recipe(tmp_path / "q.yaml", model_name_or_path=str(smollm2_dir), method="qlora", max_steps=3,
+                        per_device_train_batch_size=2, max_length=48)
+    seen = {}
+
+    import hf_ftkit.recipes.run as run_module
+
+    original = run_module._Run.make_trainer
+
+    def spy(self, setup, folder):  # record what the trainer really trains
+        trainer = original(self, setup, folder)
+        from bitsandbytes.nn import Linear4bit
+
+        seen["4bit"] = sum(isinstance(m, Linear4bit) for m in trainer.model.modules())
+        seen["trainable"] = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        return trainer
+
+    run_module._Run.make_trainer = spy
+    try:
+        result = train(load_recipe(path))
+    finally:
+        run_module._Run.make_trainer = original
+    assert result.status == "completed" and result.global_step == 3
+    assert seen["4bit"] == 7 * 30  # every linear of the 30 blocks is bitsandbytes 4-bit
+    assert seen["trainable"] and all("lora_" in n for n in seen["trainable"])
+    assert result.summary["chosen_setup"]["method"] == "qlora" and result.summary["plan"]["inputs"]["method"] == "qlora"
+    loss = result.summary["final"]["last_logged_loss"]
+    assert loss == loss and loss < 20  # finite
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

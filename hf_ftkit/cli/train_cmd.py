@@ -44,8 +44,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     overrides = list(getattr(args, "overrides", []))
     recipe = load_recipe(args.config, overrides)
-    if args.resume:
-        recipe.training.resume_from_checkpoint = None  # --resume picks the last checkpoint itself
     planned = plan_recipe(recipe)
     if not args.json:
         _print_plan(console, planned)

@@ -57,7 +57,15 @@ def train(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, res
     if dry_run:
         return TrainResult("planned", planned, output_dir)
     _check_machine(recipe)
-    checkpoint = _prepare_output(output_dir, overwrite=overwrite, resume=resume)
+    wanted = recipe.training.resume_from_checkpoint  # the TRL key does what --resume does
+    if wanted and str(wanted).lower() not in ("true", "1", "last"):
+        if not (Path(wanted) / "trainer_state.json").is_file():
+            raise BadInputError(f"resume_from_checkpoint: {wanted} is not a checkpoint folder; pass one of "
+                                f"{output_dir}/checkpoint-N or use --resume for the last one.")
+        _prepare_output(output_dir, overwrite=False, resume=True)
+        checkpoint: str | None = str(wanted)
+    else:
+        checkpoint = _prepare_output(output_dir, overwrite=overwrite, resume=resume or bool(wanted))
     return _Run(recipe, planned, output_dir, source, checkpoint).execute()
 
 
@@ -158,6 +166,10 @@ class _Run:
                 eval_dataset=self.eval_data, peft_config=_lora_config(m, inputs),
                 quantization_config=setup.bnb_config(), callbacks=callbacks,
             )
+        prepared = self.trainer.train_dataset
+        if hasattr(prepared, "__len__") and len(prepared) == 0:
+            raise BadInputError(f"no training example is left after tokenizing: max_length {args.max_length} cuts off "
+                                "every completion (SFTTrainer drops fully masked examples); raise max_length.")
         return self.trainer
 
     def _forgetting_callback(self) -> Any:

@@ -98,6 +98,10 @@ def test_output_dir_holding_another_run_is_refused_before_loading_anything(tmp_p
     path = write_recipe(tmp_path / "r2.yaml", model_name_or_path=str(smollm2_dir), output_dir=str(empty))
     with pytest.raises(BadInputError, match="holds no checkpoint to resume from"):
         train(load_recipe(path), resume=True)
+    with pytest.raises(BadInputError, match="resume_from_checkpoint: .* is not a checkpoint folder"):
+        train(load_recipe(path, ["--resume_from_checkpoint", str(tmp_path / "nowhere")]))
+    with pytest.raises(BadInputError, match="holds no checkpoint to resume from"):
+        train(load_recipe(path, ["--resume_from_checkpoint", "true"]))
 
 
 def test_gpu_recipe_validates_here_but_does_not_start_on_a_cpu_machine(tmp_path, smollm2_dir):

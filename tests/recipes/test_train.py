@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from hf_ftkit.cli.main import main
+from hf_ftkit.errors import BadInputError
 from hf_ftkit.recipes import load_recipe
 from hf_ftkit.recipes.run import train
 from tests.recipes.conftest import DEMO, write_recipe
@@ -53,10 +54,16 @@ def test_demo_recipe_end_to_end_on_smollm2(tmp_path):
         assert (out / name).is_file(), name
 
 
+def test_max_length_that_cuts_every_completion_is_one_sentence(tmp_path, tiny_model_dir):
+    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tiny_model_dir), max_length=16)
+    with pytest.raises(BadInputError, match="max_length 16 cuts off every completion"):
+        train(load_recipe(path))
+
+
 @pytest.mark.slow
 def test_qlora_recipe_runs_real_4bit_steps(tmp_path, smollm2_dir):
     path = write_recipe(tmp_path / "q.yaml", model_name_or_path=str(smollm2_dir), method="qlora", max_steps=3,
-                        per_device_train_batch_size=2, max_length=48)
+                        per_device_train_batch_size=2, max_length=96)
     seen = {}
 
     import hf_ftkit.recipes.run as run_module

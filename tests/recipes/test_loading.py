@@ -126,3 +126,16 @@ def test_dry_run_prints_the_plan_and_json(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is True and data["chosen"]["method"] in ("lora", "qlora", "full")
     assert [r["rung"] for r in data["ladder"]][0].startswith("full")
+
+
+def test_recipe_that_does_not_fit_its_budget_exits_1_before_loading(tmp_path, capsys):
+    from hf_ftkit.errors import DoesNotFitError
+
+    recipe = load_recipe(DEMO, ["--budget", "1GiB", "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(DoesNotFitError, match=r"more than 1GiB; use method: auto, fallback: true"):
+        train(recipe)
+    assert not (tmp_path / "out").exists()
+    assert main(["train", "--config", str(DEMO), "--budget", "1GiB", "--dry-run"]) == 1
+    assert main(["train", "--config", str(DEMO), "--budget", "1GiB", "--output_dir", str(tmp_path / "o")]) == 1
+    captured = capsys.readouterr()
+    assert "more than 1GiB" in captured.err and "Traceback" not in captured.err

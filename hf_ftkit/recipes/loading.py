@@ -139,7 +139,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     where = str(path)
     values = {k: parser.coerce(k, v, where) for k, v in data.items() if k not in RESERVED}
     for key in _override_keys(overrides):
-        parser.check_key(key, "command line")
+        parser.check_key(key[3:] if key.startswith("no_") and key[3:] in parser.actions else key, "command line")
     if "env" in data:
         if not isinstance(data["env"], dict):
             raise BadInputError(f"{where}: env must be a mapping of variable names to values.")
@@ -162,6 +162,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if rest:
         raise BadInputError(f"command line: unexpected {' '.join(rest)!r}; overrides look like --learning_rate 1e-4.")
     for key in _override_keys(overrides):
+        key = key[3:] if key.startswith("no_") and not any(hasattr(o, key) for o in (script, training, model, ftkit)) \
+            else key
         for obj in (script, training, model, ftkit):
             if hasattr(obj, key):
                 values[key] = getattr(obj, key)

@@ -85,6 +85,7 @@ def test_unknown_command_line_flag_and_bad_value(tmp_path):
         load_recipe(path, ["--learning_rat", "1"])
     with pytest.raises(BadInputError, match="command line"):
         load_recipe(path, ["--max_steps", "lots"])
+    assert load_recipe(path, ["--no_remove_unused_columns"]).training.remove_unused_columns is False
 
 
 def test_output_dir_holding_another_run_is_refused_before_loading_anything(tmp_path, smollm2_dir):
@@ -104,11 +105,10 @@ def test_output_dir_holding_another_run_is_refused_before_loading_anything(tmp_p
         train(load_recipe(path, ["--resume_from_checkpoint", "true"]))
 
 
-def test_gpu_recipe_validates_here_but_does_not_start_on_a_cpu_machine(tmp_path, smollm2_dir):
+def test_gpu_recipe_validates_here_but_does_not_start_on_a_cpu_machine(tmp_path, smollm2_dir, monkeypatch):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")  # the refusal is for CPU-only machines
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever this runs
     path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(smollm2_dir), use_cpu=None, bf16=True)
     recipe = load_recipe(path)
     assert recipe.training.bf16 and not recipe.training.use_cpu

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.json:
             print(json.dumps(planned.to_dict(), indent=2))
         return EXIT_DOES_NOT_FIT if planned.fits is False and not recipe.ftkit.fallback else 0
-    result = train(recipe, overwrite=args.overwrite, resume=args.resume)
+    result = train(recipe, overwrite=args.overwrite, resume=args.resume, planned=planned)
     if args.json:
         print(json.dumps(result.summary, indent=2, default=str))
     elif result.status == "preempted":

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from transformers import TrainerCallback
 
+from hf_ftkit._files import write_text_atomic
 from hf_ftkit.errors import BadInputError, HfFtkitWarning
 from hf_ftkit.forgetting.evaluator import ForgettingEvaluator, Measurement
 from hf_ftkit.forgetting.heldout import load_texts, overlapping, sample_documents
@@ -196,9 +197,7 @@ class ForgettingCallback(TrainerCallback):
             best["checkpoint"] = None
         report = {"history": self.history, "best": best, "threshold": self.threshold,
                   "crossed": self.crossed, "action": self.action, "seconds_measuring": self.seconds_measuring}
-        partial = path / "forgetting.json.partial"
-        partial.write_text(json.dumps(report, indent=2) + "\n")
-        partial.replace(path / "forgetting.json")
+        write_text_atomic(path / "forgetting.json", json.dumps(report, indent=2) + "\n")
 
 
 def _autocast(args: Any) -> Any:

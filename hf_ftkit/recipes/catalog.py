@@ -44,9 +44,10 @@ def plan_line(planned: RecipePlan) -> str:
 def catalog(root: Path) -> list[tuple[CatalogRow, RecipePlan]]:
     out = []
     for path in recipe_files(root):
-        planned = plan_recipe(load_recipe(path))
+        recipe = load_recipe(path)
+        planned = plan_recipe(recipe)
         p = planned.plan
-        name = str(load_recipe(path).values.get("model_name_or_path", planned.spec.model_id))
+        name = str(recipe.values.get("model_name_or_path", planned.spec.model_id))
         out.append((CatalogRow(path.relative_to(root), name, planned.setup.inputs.method,
                                planned.hardware.label if planned.hardware else "—", format_bytes(p.peak_bytes),
                                format_bytes(p.headroom_bytes) if p.headroom_bytes is not None else "—",

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hf_ftkit._files import write_text_atomic
+
 SUMMARY = "run_summary.json"
 
 
@@ -25,11 +27,11 @@ def write_outputs(run: Any, status: str, fallbacks: list[Any]) -> dict[str, Any]
     merged = _merge(run) if status == "completed" and recipe.ftkit.merge else None
     summary = _summary(run, status, fallbacks, merged)
     _write_recipe(run, out / "recipe.yaml")
-    _atomic_write(out / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
     if status == "completed":
         from hf_ftkit.recipes.card import model_card
 
-        _atomic_write(out / "README.md", model_card(recipe, summary))
+        write_text_atomic(out / "README.md", model_card(recipe, summary))
     return summary
 
 
@@ -39,11 +41,11 @@ def _merge(run: Any) -> dict[str, Any]:
     recipe = run.recipe
     started = time.perf_counter()
     qlora = None
-    if run.trainer.model is not None and run.planned.setup.inputs.method == "qlora":
+    inputs = run.setup.inputs  # the setup that trained last (a fallback may have changed it)
+    if inputs.method == "qlora":
         from hf_ftkit._dtypes import to_torch
         from hf_ftkit.merge.streaming import QloraTarget
 
-        inputs = run.planned.setup.inputs
         dtype = to_torch("fp32" if str(recipe.model.dtype) in ("float32", "None") else "bf16")
         qlora = QloraTarget("dequantized", quant_type=inputs.quant_type, double_quant=inputs.double_quant,
                             load_dtype=dtype)
@@ -121,10 +123,4 @@ def _write_recipe(run: Any, path: Path) -> None:
         values.update({k: v for k, v in run.planned.setup.training_overrides().items() if v is not None})
     header = (f"# Resolved recipe of this run (from {run.recipe.path} and the command line), written by hf-ftkit.\n"
               f"# Rerun: hf-ftkit train --config {path}\n")
-    _atomic_write(path, header + yaml.safe_dump(values, sort_keys=False))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    write_text_atomic(path, header + yaml.safe_dump(values, sort_keys=False))

@@ -34,8 +34,16 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def train(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, resume: bool = False) -> TrainResult:
+def train(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, resume: bool = False,
+          planned: RecipePlan | None = None) -> TrainResult:
     """Plan the recipe on its hardware, then (unless ``dry_run``) train it and write the outputs.
+
+    Args:
+        recipe: from :func:`load_recipe`.
+        dry_run: plan only; nothing is loaded or written.
+        overwrite: replace the run already in ``output_dir``.
+        resume: continue from the last checkpoint in ``output_dir``.
+        planned: the recipe's plan when the caller already made it (else it is made here).
 
     Raises:
         BadInputError: the data, the output folder or the machine does not suit the recipe.
@@ -46,7 +54,7 @@ def train(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, res
         >>> result = train(load_recipe("recipes/smollm2/135m_lora_demo.yaml"))
         >>> result.summary["final"]["train_loss"]
     """
-    planned = plan_recipe(recipe)
+    planned = planned or plan_recipe(recipe)  # the caller's plan when it already made one
     output_dir = Path(recipe.training.output_dir)
     source = resolve_dataset(str(recipe.script.dataset_name), recipe.path)
     if planned.fits is False and not recipe.ftkit.fallback:
@@ -111,6 +119,7 @@ class _Run:
         self.preemption = PreemptionCallback()
         self.forgetting: Any = None
         self.trainer: Any = None
+        self.setup = planned.setup  # the setup of the latest trainer
         self.timings: dict[str, float] = {}
 
     def execute(self) -> TrainResult:
@@ -145,6 +154,7 @@ class _Run:
         from hf_ftkit.callbacks.memory import MemoryBudgetCallback
 
         r, inputs = self.recipe, setup.inputs
+        self.setup = setup
         args = copy.deepcopy(r.training)
         args.output_dir = str(folder)
         if setup is not self.planned.setup or r.ftkit.method == "auto":

@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AdapterSet": "hf_ftkit.merge.hotswap",
     "BadInputError": "hf_ftkit.errors",
+    "Comparison": "hf_ftkit.compare.methods",
     "Composition": "hf_ftkit.merge.compose",
+    "compare_methods": "hf_ftkit.compare.methods",
     "MergeResult": "hf_ftkit.merge.run",
     "MergeVerificationError": "hf_ftkit.errors",
     "QloraTarget": "hf_ftkit.merge.streaming",
@@ -49,6 +51,7 @@ __all__ = sorted(["__version__", *_EXPORTS])
 
 if TYPE_CHECKING:
     from hf_ftkit.callbacks.memory import MemoryBudgetCallback
+    from hf_ftkit.compare.methods import Comparison, compare_methods
     from hf_ftkit.errors import (
         BadInputError,
         DoesNotFitError,

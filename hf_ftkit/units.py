@@ -53,3 +53,27 @@ def format_bytes(nbytes: float) -> str:
     if value >= MIB:
         return f"{sign}{value / MIB:.1f} MiB"
     return f"{sign}{value / 1024:.1f} KiB"
+
+
+_COUNT_RE = re.compile(r"^\s*([0-9][0-9_]*\.?[0-9]*(?:e[+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
+_COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_count(text: str, *, what: str = "count") -> int:
+    """Parse ``50M``, ``1.5B``, ``2e9``, ``100k`` or ``50_000_000`` into a whole number (0 allowed).
+
+    Raises:
+        BadInputError: the text is not a non-negative number with an optional k/M/B/T suffix.
+    """
+    match = _COUNT_RE.match(str(text))
+    if not match:
+        raise BadInputError(f"{what} {text!r} is not a count; write it like 50M, 1.5B or 2000000.")
+    return int(round(float(match.group(1).replace("_", "")) * _COUNT_UNITS[match.group(2).lower()]))
+
+
+def format_count(value: float) -> str:
+    """``8.03B``, ``41.9M``, ``512`` — parameter and token counts for people."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"

@@ -12,6 +12,7 @@ EXPECTED = [
     "AdapterSet", "Composition", "MergeResult", "MergeVerificationError", "QloraTarget", "compose",
     "inspect_adapters", "merge_adapters",
     "ForgettingCallback", "ForgettingEvaluator", "measure_forgetting", "stdlib_documents",
+    "Comparison", "compare_methods",
 ]
 
 
@@ -28,6 +29,15 @@ def test_planning_a_catalog_model_does_not_import_torch():
     code = (
         "import sys, hf_ftkit; p = hf_ftkit.plan('meta-llama/Llama-3.1-8B', method='qlora'); "
         "assert p.peak_bytes > 0; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_comparing_methods_does_not_import_torch():
+    code = (
+        "import sys, hf_ftkit; c = hf_ftkit.compare_methods('meta-llama/Llama-3.1-70B', gpu='h100'); "
+        "assert c.rows['qlora'].placement.gpus == 1; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 
@@ -20,6 +22,7 @@ EXAMPLES = """examples:
   hf-ftkit plan meta-llama/Llama-3.1-8B --budget 24GiB
   hf-ftkit plan Qwen/Qwen2.5-7B --method qlora --gradient-checkpointing --budget rtx4090 --json
   hf-ftkit plan --list-models
+  hf-ftkit compare meta-llama/Llama-3.1-70B --gpu h100 --tokens 50M --price-per-gpu-hour 2.5
   hf-ftkit merge ./base ./adapter --out ./merged --streaming
   hf-ftkit adapters inspect ./adapter --for vllm
   hf-ftkit forgetting --base ./base --model ./adapter --data ./heldout/ --json
@@ -35,9 +38,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"hf-ftkit: error: {message} (see `{self.prog} --help`).\n")
 
 
+class _Subcommands:
+    """``add_subparsers()``'s action, giving every subcommand the common flags (``--quiet``)."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self.action.add_parser(name, parents=[self.common], **kwargs)
+        return parser
+
+
 def make_parser() -> argparse.ArgumentParser:
     from hf_ftkit import __version__
-    from hf_ftkit.cli import env_cmd, forgetting_cmd, merge_cmd, plan_cmd, train_cmd
+    from hf_ftkit.cli import compare_cmd, env_cmd, forgetting_cmd, merge_cmd, plan_cmd, train_cmd
 
     parser = _Parser(
         prog="hf-ftkit",
@@ -46,8 +60,12 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hf-ftkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars, warnings or tables: errors only (--json output is still printed)")
+    sub = _Subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser), common)
     plan_cmd.add_parser(sub)
+    compare_cmd.add_parser(sub)
     merge_cmd.add_parser(sub)
     forgetting_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
@@ -68,9 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    console = Console(stderr=False, highlight=False, soft_wrap=False)
+    from hf_ftkit._progress import set_quiet
+
+    set_quiet(bool(args.quiet))
+    console = Console(stderr=False, highlight=False, soft_wrap=False, quiet=bool(args.quiet))
     try:
-        return int(args.func(args, console))
+        with warnings.catch_warnings():
+            if args.quiet:
+                warnings.simplefilter("ignore")
+            return int(args.func(args, console))
     except BadInputError as exc:
         print(f"hf-ftkit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from hf_ftkit._progress import byte_progress
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.units import format_bytes, parse_size
 
@@ -75,7 +73,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once verified)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights you trust")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--quiet", action="store_true", help="no progress and no table; errors only")
     p.set_defaults(func=run_merge)
 
     adapters = sub.add_parser("adapters", help="Inspect LoRA adapters.", description="Inspect LoRA adapters.")
@@ -102,8 +99,7 @@ def run_merge(args: argparse.Namespace, console: Console) -> int:
     qlora = None
     if args.qlora:
         qlora = QloraTarget(args.qlora, args.quant_type, args.double_quant, to_torch(args.qlora_dtype))
-    show_progress = not (args.json or args.quiet) and sys.stderr.isatty()
-    with progress_bar(show_progress, "merging") as progress:
+    with byte_progress("merging") as progress:
         result = merge_adapters(
             args.base, args.adapters, args.out, weights=args.weights, method=args.method, density=args.density,
             svd_rank=args.svd_rank, adapter_only=args.adapter_only, dtype=args.dtype, streaming=args.streaming,
@@ -113,23 +109,9 @@ def run_merge(args: argparse.Namespace, console: Console) -> int:
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
-    elif not args.quiet:
+    else:
         console.print(_merge_table(result.to_dict()))
     return 0
-
-
-@contextmanager
-def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar fed by ``(done, total)`` byte counts; None (no bar) when not wanted or not a TTY."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _merge_table(data: dict[str, Any]) -> Table:

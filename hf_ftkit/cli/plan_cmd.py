@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HfFtkitWarning)  # kept in result.warnings, printed below
         result = plan(spec, inputs, budget=args.budget, exact=args.exact)
-    if not args.json:
+    if not (args.json or args.quiet):
         for message in result.warnings:
             print(f"warning: {message}", file=sys.stderr)
     suggestions = suggest(spec, result)

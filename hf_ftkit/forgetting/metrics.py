@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from hf_ftkit._progress import track
 from hf_ftkit.forgetting.heldout import Document
 
 METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perplexity", "nll_per_token", "kl",
@@ -120,7 +121,7 @@ def encode(documents: list[Document], tokenizer: Any, *, window: int, batch_toke
     if prefix is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start a document with.")
     kept, windows, owner, total = [], [], [], 0
-    for doc in documents:
+    for doc in track(documents, "forgetting: tokenizing held-out text"):
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         if max_tokens is not None and total >= max_tokens:
             break
@@ -191,7 +192,7 @@ def measure(
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else nullcontext())
     with torch.inference_mode(), autocast:
-        for number, batch in enumerate(encoded.batches):
+        for number, batch in enumerate(track(encoded.batches, "forgetting: scoring held-out text")):
             ids, labels, padding = _batch_tensors(encoded, batch, pad_token, device)
             mask = None if bool(padding.all()) else padding  # no padding: the plain causal path
             logits = model(input_ids=ids, attention_mask=mask).logits

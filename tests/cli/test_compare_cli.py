@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from hf_ftkit.cli.main import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_has_every_method_and_column(capsys):
+    code, out, _ = run(capsys, "compare", "meta-llama/Llama-3.1-8B", "--gpu", "a100-80gb", "--tokens", "50M",
+                       "--price-per-gpu-hour", "2", "--batch-size", "2", "--seq-len", "1024", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["tokens"] == 50_000_000 and data["batch_size"] == 2 and data["seq_len"] == 1024
+    assert list(data["methods"]) == ["full", "lora", "dora", "qlora"]
+    for row in data["methods"].values():
+        for key in ("trainable_params", "trainable_pct", "min_gpus", "shard", "peak_bytes_per_gpu", "hours", "cost",
+                    "artifact_bytes", "checkpoint_bytes", "deployment", "composability", "forgetting_risk", "basis"):
+            assert key in row
+        assert row["peak_bytes_per_gpu"] <= data["gpu"]["memory_bytes"]
+        assert row["cost"] == pytest.approx(row["gpu_hours"] * 2)
+        assert set(row["basis"].values()) <= {"planned", "estimated", "measured"}
+    assert data["assumptions"]
+
+
+def test_table_labels_numbers_and_prints_assumptions(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "220")
+    plot = tmp_path / "compare.png"
+    code, out, _ = run(capsys, "compare", "meta-llama/Llama-3.1-70B", "--gpu", "h100", "--plot", str(plot))
+    assert code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    for text in ("Full FT", "QLoRA", "fewest GPUs", "planned", "estimated", "Assumptions:", "utilisation",
+                 "needs --price-per-gpu-hour"):
+        assert text in out
+
+
+def test_quiet_prints_nothing_but_json_still_prints(capsys):
+    code, out, err = run(capsys, "compare", "meta-llama/Llama-3.1-8B", "--quiet")
+    assert code == 0 and out == "" and err == ""
+    code, out, _ = run(capsys, "compare", "meta-llama/Llama-3.1-8B", "--quiet", "--json")
+    assert json.loads(out)["model"] == "meta-llama/Llama-3.1-8B"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpu", "rtx9090"], "known GPUs: a10, a100-40gb"),
+    (["--tokens", "0"], "--tokens must be greater than zero"),
+    (["--tokens", "lots"], "is not a count"),
+    (["--price-per-gpu-hour", "-3"], "--price-per-gpu-hour must be zero or more"),
+    (["--forgetting", "lora"], "must look like lora=report.json"),
+])
+def test_bad_input_exits_2_with_one_sentence(capsys, argv, words):
+    code, out, err = run(capsys, "compare", "meta-llama/Llama-3.1-8B", *argv)
+    assert code == 2 and out == ""
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err

@@ -95,7 +95,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per measurement")
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "forgetting_experiment")
     parser.add_argument("--only", help="run only this run name (for a quick check)")
+    parser.add_argument("--from-results", action="store_true",
+                        help="rewrite the page and plot from docs/experiments/forgetting.json without training")
     args = parser.parse_args()
+    if args.from_results:
+        saved = json.loads((DOCS / "forgetting.json").read_text())
+        args.steps, args.batch_size, args.every, args.max_tokens = (saved["args"][k] for k in
+                                                                     ("steps", "batch_size", "every", "max_tokens"))
+        report(saved["results"], saved["base_accuracy"], args)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     base_file = args.work / "base.json"
     if not base_file.is_file():
@@ -119,7 +127,12 @@ def main() -> None:
             print(f"{name} lr={lr:g}: accuracy {row['accuracy']:.1%}, held-out bpb "
                   f"{row['history'][-1]['bits_per_byte_delta_pct']:+.2f}%, KL {row['history'][-1]['kl']:.4f}",
                   flush=True)
-    report(results, json.loads(base_file.read_text())["accuracy"], args)
+    base_accuracy = json.loads(base_file.read_text())["accuracy"]
+    if not args.only:  # the page's data, so that the page and plot can be regenerated without training
+        settings = {k: getattr(args, k) for k in ("steps", "batch_size", "every", "max_tokens")}
+        (DOCS / "forgetting.json").write_text(json.dumps({"args": settings, "base_accuracy": base_accuracy,
+                                                          "results": results}, indent=1) + "\n")
+    report(results, base_accuracy, args)
 
 
 def report(results: list[dict[str, Any]], base_accuracy: float, args: argparse.Namespace) -> None:

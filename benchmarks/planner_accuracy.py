@@ -122,7 +122,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--from-results", action="store_true", help="redraw planner.png from planner.json only")
     args = parser.parse_args()
+    if args.from_results:
+        _plot(json.loads((DOCS / "planner.json").read_text())["rows"])
+        return 0
     grid = _grid(args.quick)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         traced = list(pool.map(_trace, grid))

@@ -2,8 +2,8 @@
 
 Bars are rich progress bars on stderr, shown only when stderr is a terminal and the command is not quiet.
 ``HF_FTKIT_PROGRESS=0`` turns them off everywhere, ``HF_FTKIT_PROGRESS=1`` forces them on (also when piped).
-Libraries' own tqdm bars (transformers, datasets, the Trainer) follow the same rule through ``TQDM_DISABLE``
-when the CLI starts.
+Libraries' own tqdm bars (transformers, datasets, the Trainer) follow the same rule through ``TQDM_DISABLE`` and
+the Hugging Face ``*_DISABLE_PROGRESS_BARS`` variables, set when the CLI starts (a user's own settings win).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def set_quiet(quiet: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
     if not progress_enabled():
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the Trainer's and other plain tqdm bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars follow the hub's
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 

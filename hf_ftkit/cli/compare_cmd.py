@@ -111,40 +111,60 @@ def _hours(value: float | None) -> str:
     return f"{value:,.1f} h" if value >= 1 else f"{value * 60:.0f} min"
 
 
-def comparison_table(result: Comparison) -> Table:
-    """The rich table ``hf-ftkit compare`` prints: one column per method, one basis column."""
-    gpu_id = result.gpu["id"]
-    title = (f"{result.model.model_id} on {result.gpu['name']}: {format_count(result.tokens)} tokens, "
-             f"micro-batch {result.inputs.batch_size} x {result.inputs.seq_len}")
-    table = Table(title=title)
-    table.add_column("")
-    rows = list(result.rows.values())
+def comparison_rows(result: Comparison) -> tuple[list[str], list[tuple[str, list[str], str]]]:
+    """Column headers and ``(row name, one cell per method, basis)`` rows, shared by the table and Markdown."""
     from hf_ftkit._data import load
 
     labels = load("methods")["methods"]
-    for row in rows:
-        table.add_column(labels[row.method]["label"], overflow="fold")
-    table.add_column("basis", style="dim")
+    rows = list(result.rows.values())
+    gpu_id = result.gpu["id"]
     memory = format_bytes(gpu_memory_bytes(result.gpu))
     price = result.price_per_gpu_hour
+    lines: list[tuple[str, list[str], str]] = [
+        ("params updated", [f"{format_count(r.trainable_params)} ({r.trainable_pct:.3g}%)" for r in rows], "planned"),
+        ("fewest GPUs", [_gpus(r, gpu_id, result.max_gpus) for r in rows], "planned"),
+        (f"peak per GPU (of {memory})",
+         [format_bytes(r.placement.plan.peak_bytes) if r.placement else "-" for r in rows], "planned"),
+        ("FLOPs per token", [f"{r.flops.total / 1e9:,.1f} G" for r in rows], "estimated"),
+        ("training time", [_hours(r.hours) for r in rows], "estimated"),
+        ("GPU-hours", [f"{r.gpu_hours:,.1f}" if r.gpu_hours is not None else "-" for r in rows], "estimated"),
+        ("cost" if price is not None else "cost (needs --price-per-gpu-hour)",
+         [f"{r.cost:,.0f}" if r.cost is not None else "-" for r in rows], "estimated"),
+        ("size on disk", [format_bytes(r.artifact_bytes) for r in rows], "estimated"),
+        ("resumable checkpoint", [format_bytes(r.checkpoint_bytes) for r in rows], "estimated"),
+        ("deployment", [r.deployment for r in rows], ""),
+        ("composability", [r.composability for r in rows], ""),
+        ("forgetting risk", [r.forgetting_risk for r in rows],
+         "measured" if any(r.forgetting for r in rows) else "literature"),
+    ]
+    return [labels[r.method]["label"] for r in rows], lines
 
-    def line(name: str, basis: str, cells: list[str]) -> None:
+
+def _title(result: Comparison) -> str:
+    return (f"{result.model.model_id} on {result.gpu['name']}: {format_count(result.tokens)} tokens, "
+            f"micro-batch {result.inputs.batch_size} x {result.inputs.seq_len}")
+
+
+def comparison_table(result: Comparison) -> Table:
+    """The rich table ``hf-ftkit compare`` prints: one column per method, one basis column."""
+    headers, lines = comparison_rows(result)
+    table = Table(title=_title(result))
+    table.add_column("")
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    table.add_column("basis", style="dim")
+    for name, cells, basis in lines:
         table.add_row(name, *cells, basis)
-
-    line("params updated", "planned",
-         [f"{format_count(r.trainable_params)} ({r.trainable_pct:.3g}%)" for r in rows])
-    line("fewest GPUs", "planned", [_gpus(r, gpu_id, result.max_gpus) for r in rows])
-    line(f"peak per GPU (of {memory})", "planned",
-         [format_bytes(r.placement.plan.peak_bytes) if r.placement else "-" for r in rows])
-    line("FLOPs per token", "estimated", [f"{r.flops.total / 1e9:,.1f} G" for r in rows])
-    line("training time", "estimated", [_hours(r.hours) for r in rows])
-    line("GPU-hours", "estimated", [f"{r.gpu_hours:,.1f}" if r.gpu_hours is not None else "-" for r in rows])
-    line("cost" if price is not None else "cost (needs --price-per-gpu-hour)", "estimated",
-         [f"{r.cost:,.0f}" if r.cost is not None else "-" for r in rows])
-    line("size on disk", "estimated", [format_bytes(r.artifact_bytes) for r in rows])
-    line("resumable checkpoint", "estimated", [format_bytes(r.checkpoint_bytes) for r in rows])
-    line("deployment", "", [r.deployment for r in rows])
-    line("composability", "", [r.composability for r in rows])
-    table.add_row("forgetting risk", *[r.forgetting_risk for r in rows],
-                  "measured" if any(r.forgetting for r in rows) else "literature")
     return table
+
+
+def comparison_markdown(result: Comparison) -> str:
+    """The same table as Markdown (for docs and reports); rich markup is dropped."""
+    import re
+
+    headers, lines = comparison_rows(result)
+    out = [f"| | {' | '.join(headers)} | basis |", "|---|" + "---|" * len(headers) + "---|"]
+    for name, cells, basis in lines:
+        clean = [re.sub(r"\[/?[a-z ]*\]", "", cell).replace("|", "/") for cell in cells]
+        out.append(f"| {name} | {' | '.join(clean)} | {basis} |")
+    return "\n".join(out) + "\n"

@@ -38,7 +38,9 @@ class ForgettingCallback(TrainerCallback):
         every: ``"eval"`` or a number of steps.
         threshold: ``{metric: limit}``, e.g. ``{"bits_per_byte_delta_pct": 5}`` or ``{"kl": 0.1}``.
         action: ``"warn"`` (once) or ``"stop"`` (save a checkpoint and end training) when a limit is passed.
-        window, batch_tokens, top_k: see ``ForgettingEvaluator``.
+        window: rolling-window length in tokens (see ``ForgettingEvaluator``).
+        batch_tokens: tokens per forward pass.
+        top_k: base tokens kept per position for full fine-tuning's KL.
 
     Example:
         >>> from hf_ftkit.forgetting import ForgettingCallback, stdlib_documents
@@ -92,7 +94,10 @@ class ForgettingCallback(TrainerCallback):
             self._fail(exc)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if isinstance(self.every, int) and state.global_step % self.every == 0:
+        # The final measurement runs at the last step rather than in on_train_end, where reporting callbacks
+        # (TensorBoard, W&B) have already closed their writers; on_train_end still catches other early stops.
+        last = state.global_step >= state.max_steps > 0 or control.should_training_stop
+        if last or (isinstance(self.every, int) and state.global_step % self.every == 0):
             self._measure(args, state, control, model)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

@@ -20,7 +20,8 @@ def measure_forgetting(base: str | Path, tuned: str | Path, data: Any, *, max_to
     full model with the base loaded beside it (exact KL).
 
     Example:
-        >>> measure_forgetting("./SmolLM2-135M-Instruct", "./out/adapter", "docs/")["tuned"]["bits_per_byte"]
+        >>> report = measure_forgetting("./SmolLM2-135M-Instruct", "./out/adapter", "docs/")
+        >>> report["kl"], report["top1_agreement"]
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -55,3 +55,14 @@ def test_bad_input_exits_2_with_one_sentence(capsys, argv, words):
     code, out, err = run(capsys, "compare", "meta-llama/Llama-3.1-8B", *argv)
     assert code == 2 and out == ""
     assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_piped_output_has_no_colour_codes_and_keeps_the_table():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "hf_ftkit", "compare", "meta-llama/Llama-3.1-70B", "--gpu", "h100",
+                             "--price-per-gpu-hour", "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+    assert "\x1b[" not in result.stdout  # rich degrades to plain text when stdout is not a terminal
+    assert "fewest GPUs" in result.stdout and "1x h100" in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from rich.console import Console
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = max(console.width, 150)  # piped into a file or a log: keep the table's rows unfolded
     console.print(comparison_table(result))
     console.print("Assumptions:")
     for number, line in enumerate(result.assumptions, 1):

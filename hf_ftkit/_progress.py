@@ -31,14 +31,11 @@ def set_quiet(quiet: bool) -> None:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
-def is_quiet() -> bool:
-    return _STATE["quiet"]
-
-
 def progress_enabled() -> bool:
-    """Whether bars are drawn: not quiet, not disabled, and stderr is a terminal (or forced on)."""
+    """Whether bars are drawn: not quiet, not disabled, the first rank of a distributed run, and stderr is a
+    terminal (or forced on)."""
     forced = os.environ.get("HF_FTKIT_PROGRESS")
-    if _STATE["quiet"] or forced == "0":
+    if _STATE["quiet"] or forced == "0" or os.environ.get("RANK", "0") != "0":
         return False
     return forced == "1" or sys.stderr.isatty()
 

@@ -12,6 +12,7 @@ from hf_ftkit import _progress
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     monkeypatch.delenv("HF_FTKIT_PROGRESS", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
     _progress.set_quiet(False)
     yield
     _progress.set_quiet(False)
@@ -30,6 +31,8 @@ def test_off_when_not_a_terminal_or_quiet_or_disabled(monkeypatch):
     assert not _progress.progress_enabled()
     monkeypatch.setenv("HF_FTKIT_PROGRESS", "1")
     assert _progress.progress_enabled()
+    monkeypatch.setenv("RANK", "1")  # one bar per run, not one per process
+    assert not _progress.progress_enabled()
 
 
 def test_track_draws_only_when_enabled(capsys, monkeypatch):

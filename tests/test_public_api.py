@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import hf_ftkit
 
 EXPECTED = [
@@ -25,19 +27,11 @@ def test_every_public_name_resolves():
         assert getattr(hf_ftkit, name) is not None
 
 
-def test_planning_a_catalog_model_does_not_import_torch():
-    code = (
-        "import sys, hf_ftkit; p = hf_ftkit.plan('meta-llama/Llama-3.1-8B', method='qlora'); "
-        "assert p.peak_bytes > 0; print('torch' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
-def test_comparing_methods_does_not_import_torch():
-    code = (
-        "import sys, hf_ftkit; c = hf_ftkit.compare_methods('meta-llama/Llama-3.1-70B', gpu='h100'); "
-        "assert c.rows['qlora'].placement.gpus == 1; print('torch' in sys.modules)"
-    )
+@pytest.mark.parametrize("call", [
+    "p = hf_ftkit.plan('meta-llama/Llama-3.1-8B', method='qlora'); assert p.peak_bytes > 0",
+    "c = hf_ftkit.compare_methods('meta-llama/Llama-3.1-70B', gpu='h100'); assert c.rows['qlora'].placement.gpus == 1",
+])
+def test_planning_and_comparing_do_not_import_torch(call):
+    code = f"import sys, hf_ftkit; {call}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hf_ftkit.cli.plan_cmd import positive_int
 from hf_ftkit.compare.methods import Comparison, MethodRow, compare_methods, gpu_memory_bytes
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.planner.inputs import PRECISIONS, PlanInputs
@@ -21,12 +22,6 @@ EXAMPLES = """examples:
   hf-ftkit compare Qwen/Qwen2.5-7B --gpu a100-80gb --seq-len 4096 --batch-size 4 --plot compare.png
   hf-ftkit compare ./base --gpu l4 --forgetting lora=forgetting.json
 """
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return int(text)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -42,18 +37,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100", help="GPU kind from the built-in table (default %(default)s)")
     p.add_argument("--tokens", default="50M", help="training tokens, all epochs (50M, 1.5B, ...; default %(default)s)")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour, e.g. 2.5")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="micro-batch per GPU")
-    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="micro-batch per GPU")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
     p.add_argument("--utilization", type=float, default=0.4,
                    help="fraction of the GPU's bf16 peak that training reaches (default %(default)s)")
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="auto: only where it lowers the GPU count (default)")
     p.add_argument("--optim", default=d.optim, help="TrainingArguments.optim name (default %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
-    p.add_argument("--lora-r", type=_positive_int, default=d.lora_r)
+    p.add_argument("--lora-r", type=positive_int, default=d.lora_r)
     p.add_argument("--lora-targets", default=d.lora_targets, help="all-linear or q_proj,v_proj,...")
-    p.add_argument("--max-gpus", type=_positive_int, default=512, help="most GPUs tried (default %(default)s)")
-    p.add_argument("--gpus-per-node", type=_positive_int, default=8)
+    p.add_argument("--max-gpus", type=positive_int, default=512, help="most GPUs tried (default %(default)s)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8)
     p.add_argument("--forgetting", action="append", default=[], metavar="METHOD=REPORT",
                    help="a measured `hf-ftkit forgetting --json` report for a method (repeatable)")
     p.add_argument("--online", action="store_true", help="fetch config.json from the hub if not found offline")

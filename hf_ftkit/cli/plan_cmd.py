@@ -35,7 +35,7 @@ EXAMPLES = """examples:
 """
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -55,14 +55,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="hub id, checkpoint directory or config.json path")
     p.add_argument("--method", choices=(*METHODS, "auto"), default=d.method,
                    help="auto: walk the fallback ladder and pick the best setup that fits --budget")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="micro-batch per device")
-    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
-    p.add_argument("--grad-accum", type=_positive_int, default=d.gradient_accumulation_steps,
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="micro-batch per device")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
+    p.add_argument("--grad-accum", type=positive_int, default=d.gradient_accumulation_steps,
                    help="gradient accumulation steps (kept when suggesting smaller micro-batches)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optim", default=d.optim, help="TrainingArguments.optim name (default %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
-    p.add_argument("--lora-r", type=_positive_int, default=d.lora_r)
+    p.add_argument("--lora-r", type=positive_int, default=d.lora_r)
     p.add_argument("--lora-targets", default=d.lora_targets, help="all-linear or q_proj,v_proj,...")
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument("--modules-to-save", default="", help="comma-separated, e.g. embed_tokens,lm_head")
@@ -71,8 +71,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--kbit-upcast", action="store_true",
                    help="prepare_model_for_kbit_training's fp32 upcast of the non-quantized weights")
     p.add_argument("--quant-storage", choices=("uint8", "bf16", "fp16", "fp32"), default=d.quant_storage)
-    p.add_argument("--gpus", type=_positive_int, default=d.gpus, help="GPUs per node")
-    p.add_argument("--nodes", type=_positive_int, default=d.nodes)
+    p.add_argument("--gpus", type=positive_int, default=d.gpus, help="GPUs per node")
+    p.add_argument("--nodes", type=positive_int, default=d.nodes)
     p.add_argument("--shard", choices=SHARDS, default=None, help="default: none on 1 GPU, ddp on several")
     p.add_argument("--fsdp-strategy", choices=FSDP_STRATEGIES, default=d.fsdp_strategy)
     p.add_argument("--offload", choices=OFFLOADS, default=d.offload)

@@ -16,7 +16,9 @@ from hf_ftkit.forgetting.heldout import MIN_TOKENS, Document
 from hf_ftkit.forgetting.metrics import (
     BaseCache,
     EncodedSet,
-    Sums,
+    HiddenCache,
+    Logits,
+    Reference,
     all_reduce,
     batches_in_step,
     encode,
@@ -82,27 +84,9 @@ class ForgettingEvaluator:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.top_k = top_k
         self.cache: BaseCache | None = None
+        self.hidden: HiddenCache | None = None  # PEFT: the frozen base's hidden states, see HiddenCache
+        self._hidden_of = 0  # id() of the model they belong to
         self.baseline: dict[str, float | None] = {}
-
-    def _run(self, model: Any, *, peft_base: bool, capture: bool, autocast_dtype: torch.dtype | None,
-             reference: Any = None) -> Sums:
-        def base_logprobs(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            if reference is not None:
-                return reference(input_ids=ids, attention_mask=mask).logits
-            with model.disable_adapter():
-                return model(input_ids=ids, attention_mask=mask).logits
-
-        peft_base = peft_base or reference is not None
-
-        self.cache = BaseCache(self.top_k) if capture else self.cache
-        sums = measure(
-            model, self.encoded, pad_token=self.pad,
-            base_logprobs=base_logprobs if peft_base else None,
-            cache=None if (peft_base or capture) else self.cache,
-            capture=self.cache if capture else None,
-            autocast_dtype=autocast_dtype, extra_batches=batches_in_step(self.encoded),
-        )
-        return all_reduce(sums)
 
     def measure(self, model: Any, step: int, *, autocast_dtype: torch.dtype | None = None,
                 baseline: bool = False, reference: Any = None) -> Measurement:
@@ -112,20 +96,27 @@ class ForgettingEvaluator:
         with their own base through ``disable_adapter()`` and other models with the top-k distribution
         captured at the baseline.
         """
-        peft_base = is_peft(model) or reference is not None
-        untouched = reference is None and peft_base and adapter_is_identity(model)
-        peft_base = peft_base and not untouched  # a fresh adapter is the base: one pass, KL 0 by definition
+        peft = reference is None and is_peft(model)
+        untouched = peft and adapter_is_identity(model)  # a fresh adapter is the base: one pass, KL 0
+        if baseline or (self.hidden is not None and self._hidden_of != id(model)):
+            self.hidden = None
         rng = _rng_state()
         was_training = model.training
         model.eval()
         try:
-            sums = self._run(model, peft_base=peft_base, capture=baseline and not peft_base and not untouched,
-                             autocast_dtype=autocast_dtype, reference=reference)
+            forward, ref = self._plan(model, peft=peft, untouched=untouched, baseline=baseline, reference=reference)
+            sums = all_reduce(measure(model, self.encoded, pad_token=self.pad, forward=forward, reference=ref,
+                                      autocast_dtype=autocast_dtype,
+                                      extra_batches=batches_in_step(self.encoded)))
         finally:
             model.train(was_training)
             _restore_rng(rng)
+        if ref.capture is not None:
+            self.cache = ref.capture
+        if ref.capture_hidden is not None and ref.capture_hidden.valid:
+            self.hidden, self._hidden_of = ref.capture_hidden, id(model)
         values = sums.metrics()
-        if (baseline and not peft_base) or untouched:
+        if (baseline and not peft and reference is None) or untouched:
             values["kl"], values["top1_agreement"] = 0.0, 1.0  # the model is its own reference
         if any(v is not None and not math.isfinite(v) for v in values.values()):
             raise FloatingPointError(f"held-out metrics are not finite at step {step}: {values}")
@@ -133,17 +124,61 @@ class ForgettingEvaluator:
             self.baseline = dict(values)
         return Measurement(step, values, dict(self.baseline), sums.tokens, sums.documents)
 
+    def _plan(self, model: Any, *, peft: bool, untouched: bool, baseline: bool,
+              reference: Any) -> tuple[Logits | None, Reference]:
+        """How to get the measured logits and the base's: the fewest forward passes that give exact KL."""
+        if reference is not None:
+            return None, Reference(forward=lambda ids, mask: reference(input_ids=ids, attention_mask=mask).logits)
+        if not peft:
+            return None, Reference(capture=BaseCache(self.top_k)) if baseline else Reference(cache=self.cache)
+
+        def base_forward(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            with model.disable_adapter():
+                return model(input_ids=ids, attention_mask=mask).logits
+
+        head = model.get_output_embeddings()
+
+        def base_head(hidden: torch.Tensor) -> torch.Tensor:
+            with model.disable_adapter():
+                return head(hidden)
+
+        capture = self.hidden is None and head is not None and frozen_base(model)
+        ref = Reference(head=base_head if head is not None else None,
+                        capture_hidden=HiddenCache() if capture else None, head_module=head)
+        if untouched:  # the adapter adds exactly zero: run the base alone, which skips the adapter's matmuls
+            return base_forward, ref
+        if self.hidden is not None:
+            ref.hidden = self.hidden
+        else:
+            ref.forward = base_forward
+        return None, ref
+
+
+def frozen_base(model: Any) -> bool:
+    """True when only adapter weights train and no weight is sharded, so the base's hidden states can be
+    cached once and its output head applied to them later."""
+    from torch.distributed.tensor import DTensor
+
+    prefix = getattr(getattr(model, "base_model", None), "prefix", "lora_")
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor) or hasattr(param, "ds_id"):  # FSDP2 / DeepSpeed ZeRO-3 shards
+            return False
+        if param.requires_grad and not any(tag in name for tag in (prefix, "modules_to_save", "trainable_tokens")):
+            return False
+    return not any("FullyShardedDataParallel" in type(module).__name__ for module in model.modules())
+
 
 def adapter_is_identity(model: Any) -> bool:
-    """True when every LoRA B matrix is zero (PEFT's default initialisation) and no DoRA magnitude is trained."""
+    """True when every LoRA B matrix is zero (PEFT's default initialisation) and nothing else trains
+    (no DoRA magnitude, no modules_to_save copy)."""
     found = False
     for name, param in model.named_parameters():
-        if "lora_magnitude_vector" in name:
-            return False
         if "lora_B" in name or "lora_embedding_B" in name:
             found = True
             if bool(param.detach().any()):
                 return False
+        elif param.requires_grad and "lora_A" not in name and "lora_embedding_A" not in name:
+            return False
     return found
 
 

@@ -27,6 +27,9 @@ from hf_ftkit.forgetting.heldout import Document
 
 METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perplexity", "nll_per_token", "kl",
            "top1_agreement")
+SAME_LENGTH = 0.95  # windows batched together differ in length by at most 5%
+SCORE_ROWS = 32  # positions scored together: a few MB of logits stays in cache, where whole batches would not
+HEAD_ROWS = 512  # positions per output-head matmul on cached hidden states (reads the head's weight once each)
 
 
 @dataclass
@@ -137,7 +140,9 @@ def encode(documents: list[Document], tokenizer: Any, *, window: int, batch_toke
     batch: list[int] = []
     for index in order:
         length = len(windows[index].input_ids)
-        if batch and (len(batch) + 1) * len(windows[batch[0]].input_ids) > max(batch_tokens, length):
+        widest = len(windows[batch[0]].input_ids) if batch else length
+        # a batch ends at the token budget, or before a window 5% shorter than its first: padding is compute
+        if batch and ((len(batch) + 1) * widest > max(batch_tokens, length) or length < SAME_LENGTH * widest):
             encoded.batches.append(batch)
             batch = []
         batch.append(index)
@@ -146,19 +151,28 @@ def encode(documents: list[Document], tokenizer: Any, *, window: int, batch_toke
     return encoded
 
 
-def _batch_tensors(encoded: EncodedSet, batch: list[int], pad: int, device: Any) -> tuple[torch.Tensor, ...]:
+Segment = tuple[int, int, int]  # (row, first scored position, one past the last) within a batch
+
+
+def _batch_tensors(encoded: EncodedSet, batch: list[int], pad: int,
+                   device: Any) -> tuple[torch.Tensor, torch.Tensor, list[Segment]]:
     width = max(len(encoded.windows[i].input_ids) for i in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    segments: list[Segment] = []
     for row, index in enumerate(batch):
         item = encoded.windows[index]
         n = len(item.input_ids)
         ids[row, :n] = torch.tensor(item.input_ids)
         mask[row, :n] = 1
-        scored = torch.tensor(item.labels[-item.predicted:])
-        labels[row, n - item.predicted:n] = scored
-    return ids.to(device), labels.to(device), mask.to(device)
+        segments.append((row, n - item.predicted, n))
+    return ids.to(device), mask.to(device), segments
+
+
+def _targets(encoded: EncodedSet, batch: list[int], device: Any) -> torch.Tensor:
+    """The predicted tokens of a batch, in segment order."""
+    labels = [t for index in batch for t in encoded.windows[index].labels[-encoded.windows[index].predicted:]]
+    return torch.tensor(labels, dtype=torch.long, device=device)
 
 
 @dataclass
@@ -169,86 +183,171 @@ class BaseCache:
     batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (log-probs, indices)
 
 
-def measure(
-    model: Any,
-    encoded: EncodedSet,
-    *,
-    pad_token: int,
-    base_logprobs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
-    cache: BaseCache | None = None,
-    capture: BaseCache | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    extra_batches: int = 0,
-) -> Sums:
-    """Score the held-out set with ``model``; KL against ``base_logprobs`` (a callable giving the base's
-    log-probs for a batch, e.g. under PEFT's ``disable_adapter``) or a ``cache`` captured earlier.
-    ``capture`` stores this model's top-k distribution (the baseline for full fine-tuning).
+@dataclass
+class HiddenCache:
+    """The base model's final hidden states (its output head's input) at every scored position, kept on the CPU.
+
+    While the base stays frozen (PEFT), its exact logits are the output head applied to these: a later
+    measurement costs one forward pass of the tuned model plus the head, instead of two full forward passes.
+    ``valid`` turns false when the model's logits are not the plain head of its hidden states (soft-capping,
+    scaling) or the head cannot run outside the forward (sharded weights).
+    """
+
+    batches: list[torch.Tensor] = field(default_factory=list)
+    valid: bool = True
+
+
+Logits = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class Reference:
+    """Where the base distribution comes from for KL: a forward pass, the head on cached hidden states, or a
+    top-k cache. ``capture`` / ``capture_hidden`` are filled during the pass (the baseline)."""
+
+    forward: Logits | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    hidden: HiddenCache | None = None
+    cache: BaseCache | None = None
+    capture: BaseCache | None = None
+    capture_hidden: HiddenCache | None = None
+    head_module: Any = None  # the module whose input is captured into ``capture_hidden``
+
+
+def measure(model: Any, encoded: EncodedSet, *, pad_token: int, forward: Logits | None = None,
+            reference: Reference | None = None, autocast_dtype: torch.dtype | None = None,
+            extra_batches: int = 0) -> Sums:
+    """Score the held-out set with ``forward`` (default: ``model`` itself) and, when ``reference`` gives the
+    base distribution, KL(base ‖ model) and greedy agreement.
+
     ``extra_batches`` dummy forwards keep ranks in step under FSDP when their shards differ in size.
     """
     device = next(model.parameters()).device
+    forward = forward or (lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits)
+    ref = reference or Reference()
     sums = Sums(documents=len({encoded.doc_of_window[i] for i in range(len(encoded.windows))}))
     sums.bytes = sum(encoded.documents[d].bytes for d in set(encoded.doc_of_window))
     sums.words = sum(encoded.documents[d].words for d in set(encoded.doc_of_window))
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else nullcontext())
-    with torch.inference_mode(), autocast:
-        for number, batch in enumerate(track(encoded.batches, "forgetting: scoring held-out text")):
-            ids, labels, padding = _batch_tensors(encoded, batch, pad_token, device)
-            mask = None if bool(padding.all()) else padding  # no padding: the plain causal path
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            sums.add(_score(logits, labels, number, base_logprobs, cache, capture, ids, mask))
-        for _ in range(extra_batches):
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    seen: list[torch.Tensor] = []
+    hook = (ref.head_module.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+            if ref.capture_hidden is not None and ref.head_module is not None else None)
+    try:
+        with torch.inference_mode(), autocast:
+            for number, batch in enumerate(track(encoded.batches, "forgetting: scoring held-out text")):
+                ids, padding, segments = _batch_tensors(encoded, batch, pad_token, device)
+                mask = None if bool(padding.all()) else padding  # no padding: the plain causal path
+                seen.clear()
+                logits = forward(ids, mask)
+                base_logits = ref.forward(ids, mask) if ref.forward is not None else None
+                if ref.capture_hidden is not None:  # the last forward of the batch is the base's
+                    _capture_hidden(ref, seen, segments, base_logits if base_logits is not None else logits)
+                sums.add(_score(logits, _targets(encoded, batch, device), segments, number, ref, base_logits))
+            for _ in range(extra_batches):
+                model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    finally:
+        if hook is not None:
+            hook.remove()
     return sums
 
 
-def _score(logits: torch.Tensor, labels: torch.Tensor, number: int,
-           base_logprobs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None,
-           cache: BaseCache | None, capture: BaseCache | None, ids: torch.Tensor, mask: torch.Tensor | None) -> Sums:
-    scored = labels != -100
-    selected = logits[scored].float()  # (positions, vocab)
-    targets = labels[scored]
-    out = Sums(nll=_nll(selected, targets), tokens=int(scored.sum()))
-    if base_logprobs is None and cache is None and capture is None:
-        return out
-    tuned = torch.log_softmax(selected, dim=-1)
-    if capture is not None:
-        top, index = tuned.topk(min(capture.k, tuned.shape[-1]), dim=-1)
-        capture.batches.append((top.cpu(), index.cpu()))
-    if base_logprobs is not None:
-        base = torch.log_softmax(base_logprobs(ids, mask)[scored].float(), dim=-1)
-        kl = (base.exp() * (base - tuned)).sum(-1)
-        out.kl, out.agree = float(kl.double().sum()), int((base.argmax(-1) == tuned.argmax(-1)).sum())
-        out.compared = out.tokens
-    elif cache is not None:
-        top, index = (t.to(tuned.device) for t in cache.batches[number])
-        out.kl = float(topk_kl(top, index, tuned).double().sum())
-        out.agree = int((index[:, 0] == tuned.argmax(-1)).sum())
-        out.compared = out.tokens
+def _rows(tensor: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    return torch.cat([tensor[row, start:end] for row, start, end in segments])
+
+
+def _capture_hidden(ref: Reference, seen: list[torch.Tensor], segments: list[Segment],
+                    base_logits: torch.Tensor) -> None:
+    cache = ref.capture_hidden
+    assert cache is not None
+    if not cache.valid:
+        return
+    if not seen or ref.head is None or seen[-1].shape[:2] != base_logits.shape[:2]:
+        cache.valid = False
+        return
+    hidden = _rows(seen[-1], segments)
+    if not cache.batches:  # the head alone must reproduce the model's logits, else the cache is of no use
+        row, start, _ = segments[0]
+        expected = base_logits[row, start:start + 8].float()
+        try:
+            got = ref.head(hidden[:8]).float()
+        except (RuntimeError, ValueError):  # e.g. a sharded head that only runs inside the forward
+            got = None
+        if got is None or got.shape != expected.shape or not torch.allclose(
+                got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+            cache.valid = False
+            return
+    cache.batches.append(hidden.to("cpu", copy=True))
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor, segments: list[Segment], number: int, ref: Reference,
+           base_logits: torch.Tensor | None) -> Sums:
+    """Sums for one batch, computed a few positions at a time (no copy of the whole batch's logits)."""
+    out = Sums(tokens=int(targets.numel()))
+    hidden = ref.hidden.batches[number] if ref.hidden is not None and ref.head is not None else None
+    cached = ref.cache.batches[number] if ref.cache is not None else None
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    offset = 0
+    for row, start, end in segments:
+        for block in range(start, end, HEAD_ROWS):
+            stop = min(block + HEAD_ROWS, end)
+            base = None
+            if base_logits is not None:
+                base = base_logits[row, block:stop]
+            elif hidden is not None:
+                assert ref.head is not None
+                base = ref.head(hidden[offset:offset + stop - block].to(logits.device))
+            for first in range(0, stop - block, SCORE_ROWS):
+                last = min(first + SCORE_ROWS, stop - block)
+                where = slice(offset + first, offset + last)
+                tuned = logits[row, block + first:block + last].float()
+                _score_rows(out, tuned, targets[where], None if base is None else base[first:last].float(),
+                            None if cached is None else (cached[0][where], cached[1][where]), ref.capture,
+                            captured)
+            offset += stop - block
+    if ref.capture is not None:
+        ref.capture.batches.append((torch.cat([c[0] for c in captured]), torch.cat([c[1] for c in captured])))
     return out
 
 
-def _nll(logits: torch.Tensor, targets: torch.Tensor, rows: int = 512) -> float:
-    """Σ −log p(target). The normaliser ``max + log Σ exp(x − max)`` is assembled in float64 from float32 parts:
-    rounding the whole log-sum-exp (~15 nats) to float32 would cost ~1e-6 of the NLL, more than the metric
-    definitions are checked to, while the float32 sum of exponentials is accurate to ~1e-7 of its log."""
-    total = 0.0
-    for start in range(0, logits.shape[0], rows):
-        chunk = logits[start:start + rows]
-        top = chunk.max(dim=-1, keepdim=True).values
-        log_sum = torch.exp(chunk - top).sum(dim=-1).double().log()
-        picked = chunk.gather(-1, targets[start:start + rows].unsqueeze(-1)).squeeze(-1).double()
-        total += float((top.squeeze(-1).double() + log_sum - picked).sum())
-    return total
+def _score_rows(out: Sums, tuned: torch.Tensor, targets: torch.Tensor, base: torch.Tensor | None,
+                cached: tuple[torch.Tensor, torch.Tensor] | None, capture: BaseCache | None,
+                captured: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add NLL, KL and agreement of a few positions. Each log-sum-exp is assembled in float64 from float32
+    parts: rounding the whole normaliser (~15 nats) to float32 would cost ~1e-6 of the NLL, more than the
+    metric definitions are checked to, while float32 sums of exponentials are accurate to ~1e-7 of their log."""
+    top, argmax = tuned.max(dim=-1)
+    lse = top.double() + torch.exp(tuned - top.unsqueeze(-1)).sum(dim=-1).double().log()
+    out.nll += float((lse - tuned.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).sum())
+    if capture is not None:
+        values, index = tuned.topk(min(capture.k, tuned.shape[-1]), dim=-1)
+        captured.append(((values.double() - lse.unsqueeze(-1)).float().cpu(), index.cpu()))
+    if base is not None:
+        base_top, base_argmax = base.max(dim=-1)
+        weights = torch.exp(base - base_top.unsqueeze(-1))
+        total = weights.sum(dim=-1).double()
+        base_lse = base_top.double() + total.log()
+        # KL = Σ p_base (base − tuned) + lse_tuned − lse_base, with p_base = weights / total
+        kl = (weights * (base - tuned)).sum(dim=-1).double() / total + (lse - base_lse)
+        out.kl += float(kl.sum())
+        out.agree += int((base_argmax == argmax).sum())
+        out.compared += int(tuned.shape[0])
+    elif cached is not None:
+        base_top, base_index = (t.to(tuned.device) for t in cached)
+        tuned_top = (tuned.gather(-1, base_index).double() - lse.unsqueeze(-1)).float()
+        out.kl += float(topk_kl(base_top, tuned_top).double().sum())
+        out.agree += int((base_index[:, 0] == argmax).sum())
+        out.compared += int(tuned.shape[0])
 
 
-def topk_kl(base_top: torch.Tensor, base_index: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+def topk_kl(base_top: torch.Tensor, tuned_top: torch.Tensor) -> torch.Tensor:
     """KL between base and tuned coarsened to the base's top-k tokens plus one "rest" bucket, per position.
 
-    A lower bound of the full KL (merging outcomes never increases divergence) that equals it when k = vocab.
+    ``base_top`` holds the base's top-k log-probs and ``tuned_top`` the tuned model's log-probs of the same
+    tokens. A lower bound of the full KL (merging outcomes never increases divergence) that equals it when
+    k = vocab.
     """
     p_base = base_top.exp()
-    tuned_top = tuned.gather(-1, base_index)
     head = (p_base * (base_top - tuned_top)).sum(-1)
     rest_base = (1 - p_base.sum(-1)).clamp_min(1e-12)
     rest_tuned = (1 - tuned_top.exp().sum(-1)).clamp_min(1e-12)

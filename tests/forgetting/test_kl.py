@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from hf_ftkit.forgetting.evaluator import ForgettingEvaluator
+from hf_ftkit.forgetting.evaluator import ForgettingEvaluator, frozen_base
 from hf_ftkit.forgetting.heldout import Document
 
 pytestmark = pytest.mark.slow
@@ -23,12 +23,12 @@ def evaluator(documents, tokenizer, top_k=64):
     return ForgettingEvaluator(documents, tokenizer, window=128, max_tokens=2000, batch_tokens=512, top_k=top_k)
 
 
-def lora_model(base_dir, *, random_b: bool):
+def lora_model(base_dir, *, random_b: bool, model=None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = model or AutoModelForCausalLM.from_pretrained(base_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"],
@@ -82,6 +82,48 @@ def test_peft_path_equals_the_cached_full_ft_path(smollm2_dir, smollm2_tokenizer
     assert via_cache.values["kl"] <= via_peft.values["kl"] * (1 + 1e-4)  # the top-k KL is a lower bound
     assert via_cache.values["top1_agreement"] == pytest.approx(via_peft.values["top1_agreement"], abs=1e-3)
     assert via_cache.values["bits_per_byte"] == pytest.approx(via_peft.values["bits_per_byte"], rel=1e-4)
+
+
+def _perturb_adapter(model, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+
+
+def test_peft_base_hidden_states_cached_at_the_baseline_give_the_exact_kl(smollm2_dir, smollm2_tokenizer,
+                                                                          documents):
+    model = lora_model(smollm2_dir, random_b=False)
+    during_training = evaluator(documents, smollm2_tokenizer)
+    during_training.measure(model, 0, baseline=True)  # one pass of the base: its hidden states are kept
+    assert during_training.hidden is not None and len(during_training.hidden.batches) == len(
+        during_training.encoded.batches)
+    _perturb_adapter(model)
+    cached = during_training.measure(model, 1)  # the tuned pass plus the base's output head only
+    recomputed = evaluator(documents, smollm2_tokenizer).measure(model, 1)  # tuned and base forward passes
+    assert cached.values["kl"] > 1e-4
+    assert cached.values["kl"] == pytest.approx(recomputed.values["kl"], rel=1e-5)
+    assert cached.values["top1_agreement"] == recomputed.values["top1_agreement"]
+    assert cached.values["bits_per_byte"] == pytest.approx(recomputed.values["bits_per_byte"], rel=1e-9)
+
+
+def test_hidden_state_cache_is_refused_when_the_base_trains_or_the_logits_are_not_the_plain_head(
+        smollm2_tokenizer, documents):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0)
+    torch.manual_seed(0)
+    model = lora_model(None, random_b=False, model=Gemma2ForCausalLM(config))  # logits = 3·tanh(head / 3)
+    capped = evaluator(documents, smollm2_tokenizer)
+    capped.measure(model, 0, baseline=True)
+    assert capped.hidden is None  # the head alone does not reproduce the logits
+    _perturb_adapter(model)
+    after = capped.measure(model, 1)
+    assert after.values["kl"] > 0 and after.values["top1_agreement"] < 1  # via the base's forward pass
+    model.get_base_model().model.norm.weight.requires_grad_(True)  # a base weight that trains
+    assert not frozen_base(model)
 
 
 def _unwrapped(model):

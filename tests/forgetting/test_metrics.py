@@ -70,6 +70,17 @@ def test_rolling_windows_follow_lm_eval():
     assert rolling_windows([], 0, 4) == []
 
 
+def test_batches_keep_to_the_token_budget_and_similar_lengths(smollm2_tokenizer, heldout_texts):
+    from hf_ftkit.forgetting.metrics import SAME_LENGTH, encode
+
+    encoded = encode([Document(t) for t in heldout_texts[:40]], smollm2_tokenizer, window=512, batch_tokens=2048)
+    lengths = [[len(encoded.windows[i].input_ids) for i in batch] for batch in encoded.batches]
+    assert sorted(i for batch in encoded.batches for i in batch) == list(range(len(encoded.windows)))
+    assert len(lengths) > 1 and all(len(b) * max(b) <= 2048 or len(b) == 1 for b in lengths)
+    assert all(min(b) >= SAME_LENGTH * max(b) for b in lengths)
+    assert sum(len(b) * max(b) for b in lengths) <= 1.05 * sum(map(sum, lengths))  # padding stays small
+
+
 def test_too_little_held_out_text_is_bad_input(smollm2_tokenizer):
     with pytest.raises(BadInputError, match="at least 256 are needed"):
         ForgettingEvaluator([Document("Too short to measure.")], smollm2_tokenizer)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -86,11 +87,21 @@ def main() -> None:
     entry = {"steps": args.steps, "reps": args.reps, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "arms": args.arms, "tokens": tokens, "documents": len(texts),
              "without_s": statistics.median(plain) if plain else None,
-             "with_s": statistics.median(with_callback), "measuring_s": statistics.median(measurement)}
-    key = ("steps", "batch_size", "seq_len", "arms")
+             "with_s": statistics.median(with_callback), "measuring_s": statistics.median(measurement),
+             "commit": code_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    key = ("steps", "batch_size", "seq_len", "arms", "commit")
     results = [r for r in results if tuple(r.get(k, "both") for k in key) != tuple(entry[k] for k in key)]
     RESULTS.write_text(json.dumps(sorted([*results, entry], key=lambda r: (r["steps"], r["arms"])), indent=1) + "\n")
     report(json.loads(RESULTS.read_text()))
+
+
+def code_version() -> str:
+    """The commit measured, so that results from older code stay told apart."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
 
 
 def report(results: list[dict]) -> None:
@@ -102,9 +113,11 @@ def report(results: list[dict]) -> None:
         two_arm = f"{100 * (r['with_s'] - r['without_s']) / r['without_s']:+.1f}%" if r.get("without_s") else "-"
         command = (f"`python benchmarks/forgetting_overhead.py --steps {r['steps']} --reps {r['reps']} "
                    f"--batch-size {r['batch_size']} --seq-len {r['seq_len']} --arms {r.get('arms', 'both')}`")
-        rows.append(f"| {r['steps']} | {r['tokens']:,} | {r['without_s'] or 0:.1f} | {r['with_s']:.1f} | "
+        rows.append(f"| {r.get('commit', '-')} | {r['steps']} | {r['tokens']:,} | {r['without_s'] or 0:.1f} | "
+                    f"{r['with_s']:.1f} | "
                     f"{r['measuring_s']:.1f} | **{direct:+.1f}%** | {two_arm} | {command} |")
-    longest = max(results, key=lambda r: r["tokens"])
+    newest = max(results, key=lambda r: r.get("date", ""))  # the break-even is for the newest code measured
+    longest = max((r for r in results if r.get("commit") == newest.get("commit")), key=lambda r: r["tokens"])
     rate = longest["tokens"] / (longest["with_s"] - longest["measuring_s"])
     break_even = longest["measuring_s"] / 0.05 * rate
     lines = [
@@ -113,16 +126,19 @@ def report(results: list[dict]) -> None:
         "SmolLM2-135M-Instruct, LoRA r=16 all-linear, SFTTrainer, steps of 8 packed sequences of up to 256 tokens "
         "(training tokens as SFTTrainer counts them), fp32 on CPU (2 cores). The callback at its defaults: 32,768 "
         "held-out tokens from Python standard-library docstrings, a baseline before step 0 (a fresh adapter is "
-        "the base: one pass) and a final measurement (adapter, and base through `disable_adapter()`: two "
-        "passes). No evaluation is scheduled, so the measuring time is fixed per run.",
+        "the base: one pass, whose final hidden states are kept) and a final measurement (one pass with the "
+        "adapter; the base's logits are its output head, under `disable_adapter()`, applied to the kept hidden "
+        "states). No evaluation is scheduled, so the measuring time is fixed per run. Rows from an older commit "
+        "measured older code (6ecbece: the base's forward pass was run again at each measurement).",
         "",
         "Added time is the callback's own hook time (wall clock around its measurements) over the rest of the "
         "same run; where both arms were run, the difference between the run with and the run without the "
         "callback is given too (on this shared 2-core machine two runs of the same work differ by several "
         "percent, so that column is noisier).",
         "",
-        "| steps | training tokens | without (s) | with (s) | measuring (s) | added time | with - without | command |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| commit | steps | training tokens | without (s) | with (s) | measuring (s) | added time | with - without "
+        "| command |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         *rows,
         "",
         f"Target: < 5%. Training ran at {rate:,.0f} tokens/s; at the measured cost the overhead is under 5% from "

@@ -35,6 +35,7 @@ class Measurement:
     baseline: dict[str, float | None]
     tokens: int
     documents: int
+    base_values: dict[str, float | None] | None = None  # the base's metrics, where this pass computed them
 
     def deltas(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -122,7 +123,8 @@ class ForgettingEvaluator:
             raise FloatingPointError(f"held-out metrics are not finite at step {step}: {values}")
         if baseline:
             self.baseline = dict(values)
-        return Measurement(step, values, dict(self.baseline), sums.tokens, sums.documents)
+        base_values = dict(values) if untouched else sums.base_metrics()
+        return Measurement(step, values, dict(self.baseline), sums.tokens, sums.documents, base_values)
 
     def _plan(self, model: Any, *, peft: bool, untouched: bool, baseline: bool,
               reference: Any) -> tuple[Logits | None, Reference]:

@@ -70,6 +70,8 @@ class Sums:
     kl: float = 0.0
     agree: int = 0
     compared: int = 0
+    base_nll: float = 0.0  # the base's own NLL, where its exact logits were at hand (for KL)
+    base_scored: int = 0
 
     def add(self, other: Sums) -> None:
         for key, value in asdict(other).items():
@@ -81,7 +83,7 @@ class Sums:
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> Sums:
         names = list(asdict(cls()))
-        ints = {"tokens", "bytes", "words", "documents", "agree", "compared"}
+        ints = {"tokens", "bytes", "words", "documents", "agree", "compared", "base_scored"}
         return cls(**{n: (round(float(v)) if n in ints else float(v))  # type: ignore[arg-type]
                       for n, v in zip(names, values, strict=True)})
 
@@ -98,6 +100,14 @@ class Sums:
             "top1_agreement": self.agree / self.compared if self.compared else None,
         }
         return out
+
+    def base_metrics(self) -> dict[str, float | None] | None:
+        """The base's metrics from the same pass (KL 0 against itself), when its exact logits were computed."""
+        if not self.tokens or self.base_scored != self.tokens:
+            return None
+        own = Sums(nll=self.base_nll, tokens=self.tokens, bytes=self.bytes, words=self.words,
+                   documents=self.documents, kl=0.0, agree=self.tokens, compared=self.tokens)
+        return own.metrics()
 
 
 @dataclass
@@ -283,9 +293,9 @@ def _capture_hidden(ref: Reference, seen: list[torch.Tensor], segments: list[Seg
 def _score(logits: torch.Tensor, targets: torch.Tensor, segments: list[Segment], number: int, ref: Reference,
            base_logits: torch.Tensor | None) -> Sums:
     """Sums for one batch, computed a few positions at a time (no copy of the whole batch's logits)."""
-    out = Sums(tokens=int(targets.numel()))
+    totals = torch.zeros(4, dtype=torch.float64, device=logits.device)  # NLL, KL, agreeing positions, base NLL
     hidden = ref.hidden.batches[number] if ref.hidden is not None and ref.head is not None else None
-    cached = ref.cache.batches[number] if ref.cache is not None else None
+    cached = tuple(t.to(logits.device) for t in ref.cache.batches[number]) if ref.cache is not None else None
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
     offset = 0
     for row, start, end in segments:
@@ -301,43 +311,50 @@ def _score(logits: torch.Tensor, targets: torch.Tensor, segments: list[Segment],
                 last = min(first + SCORE_ROWS, stop - block)
                 where = slice(offset + first, offset + last)
                 tuned = logits[row, block + first:block + last].float()
-                _score_rows(out, tuned, targets[where], None if base is None else base[first:last].float(),
+                _score_rows(totals, tuned, targets[where], None if base is None else base[first:last].float(),
                             None if cached is None else (cached[0][where], cached[1][where]), ref.capture,
                             captured)
             offset += stop - block
     if ref.capture is not None:
-        ref.capture.batches.append((torch.cat([c[0] for c in captured]), torch.cat([c[1] for c in captured])))
-    return out
+        ref.capture.batches.append((torch.cat([c[0] for c in captured]).cpu(),
+                                    torch.cat([c[1] for c in captured]).cpu()))
+    nll, kl, agree, base_nll = totals.tolist()
+    exact = base_logits is not None or hidden is not None  # the base's logits themselves, not its top-k
+    compared = int(targets.numel()) if exact or cached is not None else 0
+    return Sums(nll=nll, tokens=int(targets.numel()), kl=kl, agree=round(agree), compared=compared,
+                base_nll=base_nll if exact else 0.0, base_scored=int(targets.numel()) if exact else 0)
 
 
-def _score_rows(out: Sums, tuned: torch.Tensor, targets: torch.Tensor, base: torch.Tensor | None,
+def _score_rows(totals: torch.Tensor, tuned: torch.Tensor, targets: torch.Tensor, base: torch.Tensor | None,
                 cached: tuple[torch.Tensor, torch.Tensor] | None, capture: BaseCache | None,
                 captured: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Add NLL, KL and agreement of a few positions. Each log-sum-exp is assembled in float64 from float32
-    parts: rounding the whole normaliser (~15 nats) to float32 would cost ~1e-6 of the NLL, more than the
-    metric definitions are checked to, while float32 sums of exponentials are accurate to ~1e-7 of their log."""
+    """Add NLL, KL, agreement and the base's NLL of a few positions to ``totals`` (on the device: no sync).
+
+    Each log-sum-exp is assembled in float64 from float32 parts: rounding the whole normaliser (~15 nats) to
+    float32 would cost ~1e-6 of the NLL, more than the metric definitions are checked to, while float32 sums of
+    exponentials are accurate to ~1e-7 of their log.
+    """
     top, argmax = tuned.max(dim=-1)
     lse = top.double() + torch.exp(tuned - top.unsqueeze(-1)).sum(dim=-1).double().log()
-    out.nll += float((lse - tuned.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).sum())
+    totals[0] += (lse - tuned.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).sum()
     if capture is not None:
         values, index = tuned.topk(min(capture.k, tuned.shape[-1]), dim=-1)
-        captured.append(((values.double() - lse.unsqueeze(-1)).float().cpu(), index.cpu()))
+        captured.append(((values.double() - lse.unsqueeze(-1)).float(), index))
     if base is not None:
         base_top, base_argmax = base.max(dim=-1)
         weights = torch.exp(base - base_top.unsqueeze(-1))
         total = weights.sum(dim=-1).double()
         base_lse = base_top.double() + total.log()
+        totals[3] += (base_lse - base.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).sum()
         # KL = Σ p_base (base − tuned) + lse_tuned − lse_base, with p_base = weights / total
         kl = (weights * (base - tuned)).sum(dim=-1).double() / total + (lse - base_lse)
-        out.kl += float(kl.sum())
-        out.agree += int((base_argmax == argmax).sum())
-        out.compared += int(tuned.shape[0])
+        totals[1] += kl.sum()
+        totals[2] += (base_argmax == argmax).sum()
     elif cached is not None:
-        base_top, base_index = (t.to(tuned.device) for t in cached)
+        base_top, base_index = cached
         tuned_top = (tuned.gather(-1, base_index).double() - lse.unsqueeze(-1)).float()
-        out.kl += float(topk_kl(base_top, tuned_top).double().sum())
-        out.agree += int((base_index[:, 0] == argmax).sum())
-        out.compared += int(tuned.shape[0])
+        totals[1] += topk_kl(base_top, tuned_top).double().sum()
+        totals[2] += (base_index[:, 0] == argmax).sum()
 
 
 def topk_kl(base_top: torch.Tensor, tuned_top: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ def test_peft_base_hidden_states_cached_at_the_baseline_give_the_exact_kl(smollm
                                                                           documents):
     model = lora_model(smollm2_dir, random_b=False)
     during_training = evaluator(documents, smollm2_tokenizer)
-    during_training.measure(model, 0, baseline=True)  # one pass of the base: its hidden states are kept
+    base = during_training.measure(model, 0, baseline=True)  # one pass of the base: its hidden states are kept
     assert during_training.hidden is not None and len(during_training.hidden.batches) == len(
         during_training.encoded.batches)
     _perturb_adapter(model)
@@ -106,6 +106,9 @@ def test_peft_base_hidden_states_cached_at_the_baseline_give_the_exact_kl(smollm
     assert cached.values["kl"] == pytest.approx(recomputed.values["kl"], rel=1e-5)
     assert cached.values["top1_agreement"] == recomputed.values["top1_agreement"]
     assert cached.values["bits_per_byte"] == pytest.approx(recomputed.values["bits_per_byte"], rel=1e-9)
+    for result in (cached, recomputed):  # the base's own metrics come out of the same pass
+        assert result.base_values["bits_per_byte"] == pytest.approx(base.values["bits_per_byte"], rel=1e-9)
+        assert result.base_values["word_perplexity"] == pytest.approx(base.values["word_perplexity"], rel=1e-9)
 
 
 def test_hidden_state_cache_is_refused_when_the_base_trains_or_the_logits_are_not_the_plain_head(

@@ -113,7 +113,8 @@ def report(results: list[dict]) -> None:
         two_arm = f"{100 * (r['with_s'] - r['without_s']) / r['without_s']:+.1f}%" if r.get("without_s") else "-"
         command = (f"`python benchmarks/forgetting_overhead.py --steps {r['steps']} --reps {r['reps']} "
                    f"--batch-size {r['batch_size']} --seq-len {r['seq_len']} --arms {r.get('arms', 'both')}`")
-        rows.append(f"| {r.get('commit', '-')} | {r['steps']} | {r['tokens']:,} | {r['without_s'] or 0:.1f} | "
+        without = f"{r['without_s']:.1f}" if r.get("without_s") else "-"  # a single-arm run has none
+        rows.append(f"| {r.get('commit', '-')} | {r['steps']} | {r['tokens']:,} | {without} | "
                     f"{r['with_s']:.1f} | "
                     f"{r['measuring_s']:.1f} | **{direct:+.1f}%** | {two_arm} | {command} |")
     newest = max(results, key=lambda r: r.get("date", ""))  # the break-even is for the newest code measured

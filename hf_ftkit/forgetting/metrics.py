@@ -334,18 +334,14 @@ def _score_rows(totals: torch.Tensor, tuned: torch.Tensor, targets: torch.Tensor
     float32 would cost ~1e-6 of the NLL, more than the metric definitions are checked to, while float32 sums of
     exponentials are accurate to ~1e-7 of their log.
     """
-    top, argmax = tuned.max(dim=-1)
-    lse = top.double() + torch.exp(tuned - top.unsqueeze(-1)).sum(dim=-1).double().log()
-    totals[0] += (lse - tuned.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).sum()
+    argmax, _, _, lse = _normalise(tuned)
+    totals[0] += _nll(tuned, lse, targets)
     if capture is not None:
         values, index = tuned.topk(min(capture.k, tuned.shape[-1]), dim=-1)
         captured.append(((values.double() - lse.unsqueeze(-1)).float(), index))
     if base is not None:
-        base_top, base_argmax = base.max(dim=-1)
-        weights = torch.exp(base - base_top.unsqueeze(-1))
-        total = weights.sum(dim=-1).double()
-        base_lse = base_top.double() + total.log()
-        totals[3] += (base_lse - base.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).sum()
+        base_argmax, weights, total, base_lse = _normalise(base)
+        totals[3] += _nll(base, base_lse, targets)
         # KL = Σ p_base (base − tuned) + lse_tuned − lse_base, with p_base = weights / total
         kl = (weights * (base - tuned)).sum(dim=-1).double() / total + (lse - base_lse)
         totals[1] += kl.sum()
@@ -355,6 +351,19 @@ def _score_rows(totals: torch.Tensor, tuned: torch.Tensor, targets: torch.Tensor
         tuned_top = (tuned.gather(-1, base_index).double() - lse.unsqueeze(-1)).float()
         totals[1] += topk_kl(base_top, tuned_top).double().sum()
         totals[2] += (base_index[:, 0] == argmax).sum()
+
+
+def _normalise(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position: the argmax, exp(logits − max), their float64 sum and the float64 log-sum-exp."""
+    top, argmax = logits.max(dim=-1)
+    weights = torch.exp(logits - top.unsqueeze(-1))
+    total = weights.sum(dim=-1).double()
+    return argmax, weights, total, top.double() + total.log()
+
+
+def _nll(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(target) over the positions, in float64."""
+    return (lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()).sum()
 
 
 def topk_kl(base_top: torch.Tensor, tuned_top: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,25 @@ def smollm2_dir() -> Path:
     return smollm2_path()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template: for fast recipe runs."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 # name -> LoraConfig kwargs. Two same-rank plain adapters (for the equal-rank methods), rsLoRA, DoRA,
 # modules_to_save on the tied lm_head, LoRA on the tied input embedding, and a narrow pair.
 ADAPTERS = {

@@ -36,6 +36,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=_positive, default=32768, help="held-out tokens (default %(default)s)")
     p.add_argument("--window", type=_positive, default=2048, help="rolling-window length (default %(default)s)")
     p.add_argument("--column", help="text column of a jsonl/parquet/dataset (default: detected)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model repository's own modelling code (only for authors you trust); never asked")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin (pickle) checkpoints you trust")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -44,11 +47,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from hf_ftkit.forgetting.compare import REPORTED, measure_forgetting
 
     result = measure_forgetting(args.base, args.model, args.data, max_tokens=args.max_tokens, window=args.window,
-                            column=args.column)
+                                column=args.column, trust_remote_code=args.trust_remote_code,
+                                allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    table = Table(title=f"Forgetting on {result['documents']} held-out documents ({result['tokens']:,} tokens)")
+    cut = f", the last cut to fit --max-tokens {args.max_tokens}" if result["truncated_documents"] else ""
+    table = Table(title=f"Forgetting on {result['documents']} held-out documents ({result['tokens']:,} tokens{cut})")
     for column in ("metric", "base", "tuned", "change"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for key in REPORTED:

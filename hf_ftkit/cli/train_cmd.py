@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 
 EXIT_DOES_NOT_FIT = 1
+EXIT_PREEMPTED = 130  # the CLI's "interrupted" code: a checkpoint was saved, --resume continues
 
 EXAMPLES = """examples:
   hf-ftkit train --config recipes/smollm2/135m_lora_demo.yaml
@@ -17,6 +18,9 @@ EXAMPLES = """examples:
   hf-ftkit train --config recipes/smollm2/135m_lora_demo.yaml --learning_rate 1e-4 --max_steps 50
   hf-ftkit train --config recipes/smollm2/135m_lora_demo.yaml --resume
   accelerate launch --config_file recipes/accelerate/fsdp.yaml -m hf_ftkit train --config RECIPE
+
+exit codes: 0 trained, 1 the plan does not fit, 2 bad input, 130 interrupted or preempted (SIGTERM/SIGINT:
+a checkpoint was saved first; continue with --resume).
 
 Any key of trl.ScriptArguments, trl.ModelConfig, trl.SFTConfig or the recipe's hf-ftkit keys can be
 overridden on the command line as --key value.
@@ -54,10 +58,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     result = train(recipe, overwrite=args.overwrite, resume=args.resume, planned=planned)
     if args.json:
         print(json.dumps(result.summary, indent=2, default=str))
-    elif result.status == "preempted":
+    if result.status == "preempted":
         print(f"hf-ftkit: preempted at step {result.global_step}; checkpoint saved in {result.output_dir}. "
               f"Continue with: hf-ftkit train --config {args.config} --resume", file=sys.stderr)
-    elif result.summary:
+        return EXIT_PREEMPTED
+    if result.summary and not args.json:
         final = result.summary["final"]
         console.print(f"[green]done[/]: {result.global_step} steps, loss {final['first_logged_loss']} -> "
                       f"{final['last_logged_loss']}; outputs in {result.output_dir}")

@@ -146,6 +146,7 @@ class Setup:
         i = self.inputs
         if i.attn_implementation != "sdpa":
             kwargs.setdefault("attn_implementation", i.attn_implementation)
+        kwargs.setdefault("trust_remote_code", False)  # never run or prompt for custom code unless asked
         model = AutoModelForCausalLM.from_pretrained(
             model_path or self.model.model_id, dtype=to_torch(i.weight_dtype),
             quantization_config=self.bnb_config(), **kwargs

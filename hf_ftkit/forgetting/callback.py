@@ -11,16 +11,19 @@ from typing import Any, Literal
 
 from transformers import TrainerCallback
 
+from hf_ftkit import _stop
 from hf_ftkit._files import write_text_atomic
 from hf_ftkit.errors import BadInputError, HfFtkitWarning
 from hf_ftkit.forgetting.evaluator import ForgettingEvaluator, Measurement
 from hf_ftkit.forgetting.heldout import load_texts, overlapping, sample_documents
-from hf_ftkit.forgetting.metrics import METRICS
+from hf_ftkit.forgetting.metrics import METRICS, BaseCache, MeasurementCancelled
 
 PREFIX = "forgetting/"
 KNOWN_THRESHOLDS = (*METRICS, *(f"{m}_delta" for m in METRICS[:5]), *(f"{m}_delta_pct" for m in METRICS[:5]))
 BYTES_PER_TOKEN = 4  # sampling reads about this much text per token before tokenizing
 OVERLAP_SAMPLE = 5000  # training examples checked for held-out overlap
+STATE_FILE = "hf_ftkit_forgetting.json"  # in each checkpoint: the history a resumed run continues
+BASE_CACHE_FILE = "hf_ftkit_forgetting_base.safetensors"  # full fine-tuning: the base's top-k, for KL after resume
 
 
 class ForgettingCallback(TrainerCallback):
@@ -31,6 +34,11 @@ class ForgettingCallback(TrainerCallback):
     (TensorBoard, W&B and ``state.log_history`` receive them) and into ``<output_dir>/forgetting.json``; a
     plot of task loss and forgetting is written at the end. A failing check warns and switches itself off
     unless ``strict=True``.
+
+    Each checkpoint keeps the history (and, for full fine-tuning, the base's top-k distribution), so a run
+    resumed from it continues against the step-0 baseline instead of measuring a new one. While a preemption
+    signal is pending (``hf-ftkit train``'s SIGTERM handling) no measurement runs, and one in progress stops
+    between batches, so the checkpoint is saved first.
 
     Args:
         heldout: texts, a file, a directory or a dataset spec (see ``load_texts``).
@@ -86,6 +94,12 @@ class ForgettingCallback(TrainerCallback):
         try:
             self._prepare(model, tokenizer, kwargs.get("train_dataloader"))
             assert self.evaluator is not None
+            if state.global_step > 0 and self._restore(args, state):
+                return  # resumed: the step-0 baseline and the history go on
+            if state.global_step > 0:
+                warnings.warn(f"resumed at step {state.global_step} from a checkpoint without hf-ftkit's "
+                              "forgetting history: the baseline is measured on the resumed model.",
+                              HfFtkitWarning, stacklevel=2)
             started = time.perf_counter()
             baseline = self.evaluator.measure(model, state.global_step, autocast_dtype=_autocast(args), baseline=True)
             self.seconds_measuring += time.perf_counter() - started
@@ -96,6 +110,8 @@ class ForgettingCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # The final measurement runs at the last step rather than in on_train_end, where reporting callbacks
         # (TensorBoard, W&B) have already closed their writers; on_train_end still catches other early stops.
+        if _stop.requested():
+            return  # preempted: the checkpoint first, no measurement
         last = state.global_step >= state.max_steps > 0 or control.should_training_stop
         if last or (isinstance(self.every, int) and state.global_step % self.every == 0):
             self._measure(args, state, control, model)
@@ -104,8 +120,24 @@ class ForgettingCallback(TrainerCallback):
         if self.every == "eval":
             self._measure(args, state, control, model)
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not self.history or not state.is_world_process_zero or not folder.is_dir():
+            return
+        saved = {"history": self.history, "best": self.best, "crossed": self.crossed, "warned": self._warned,
+                 "seconds_measuring": self.seconds_measuring}
+        write_text_atomic(folder / STATE_FILE, json.dumps(saved, indent=2) + "\n")
+        if self.evaluator is not None and self.evaluator.cache is not None:
+            from safetensors.torch import save_file
+
+            cache = self.evaluator.cache
+            tensors = {f"{kind}.{i}": t[j].contiguous() for i, t in enumerate(cache.batches)
+                       for j, kind in enumerate(("logprobs", "indices"))}
+            save_file(tensors, str(folder / BASE_CACHE_FILE), metadata={"k": str(cache.k)})
+
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._measure(args, state, control, model)  # the final numbers (skipped if this step was measured)
+        if not _stop.requested():
+            self._measure(args, state, control, model)  # the final numbers (skipped if this step was measured)
         if self.history and state.is_world_process_zero:
             self._write(args.output_dir)
             from hf_ftkit.forgetting.plot import plot_history
@@ -133,14 +165,43 @@ class ForgettingCallback(TrainerCallback):
                               "forgetting measured on them is optimistic: hold out other text.",
                               HfFtkitWarning, stacklevel=2)
 
+    def _restore(self, args: Any, state: Any) -> bool:
+        """Continue the history kept in the checkpoint being resumed; False when there is none."""
+        assert self.evaluator is not None
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        try:
+            saved = json.loads((folder / STATE_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        history = [e for e in saved.get("history", []) if e.get("step", 0) <= state.global_step]
+        baseline = next((e for e in history if e.get("baseline")), None)
+        if baseline is None:
+            return False
+        self.history, self.best, self.crossed = history, saved.get("best"), saved.get("crossed")
+        self._warned = bool(saved.get("warned"))
+        self.seconds_measuring = float(saved.get("seconds_measuring", 0.0))
+        self.evaluator.baseline = {k: baseline.get(k) for k in METRICS}
+        if (folder / BASE_CACHE_FILE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / BASE_CACHE_FILE), framework="pt") as f:
+                cache = BaseCache(int((f.metadata() or {}).get("k", self.top_k)))
+                count = len([k for k in f.keys() if k.startswith("logprobs.")])
+                cache.batches = [(f.get_tensor(f"logprobs.{i}"), f.get_tensor(f"indices.{i}")) for i in range(count)]
+            self.evaluator.cache = cache
+        return True
+
     def _measure(self, args: Any, state: Any, control: Any, model: Any) -> None:
-        if self._disabled or self.evaluator is None:
+        if self._disabled or self.evaluator is None or _stop.requested():
             return
         if self.history and self.history[-1]["step"] == state.global_step:
             return  # measured at this step already (an evaluation right after a scheduled measurement)
         started = time.perf_counter()
         try:
-            measurement = self.evaluator.measure(model, state.global_step, autocast_dtype=_autocast(args))
+            measurement = self.evaluator.measure(model, state.global_step, autocast_dtype=_autocast(args),
+                                                 cancel=_cancel_check())
+        except MeasurementCancelled:
+            return  # a preemption signal arrived mid-measurement: the checkpoint goes first
         except (FloatingPointError, ValueError) as exc:
             self._fail(exc)
             return
@@ -152,7 +213,8 @@ class ForgettingCallback(TrainerCallback):
         values[f"{PREFIX}tokens"] = measurement.tokens
         task_loss = _latest_loss(state.log_history)
         entry = {"step": measurement.step, "baseline": baseline, **measurement.flat(),
-                 "tokens": measurement.tokens, "documents": measurement.documents, "task_loss": task_loss}
+                 "tokens": measurement.tokens, "documents": measurement.documents,
+                 "truncated_documents": measurement.truncated_documents, "task_loss": task_loss}
         self.history.append(entry)
         state.log_history.append({**values, "step": state.global_step})
         if self._handler is not None:  # through the Trainer's reporting callbacks, like Trainer.log does
@@ -203,6 +265,16 @@ class ForgettingCallback(TrainerCallback):
         report = {"history": self.history, "best": best, "threshold": self.threshold,
                   "crossed": self.crossed, "action": self.action, "seconds_measuring": self.seconds_measuring}
         write_text_atomic(path / "forgetting.json", json.dumps(report, indent=2) + "\n")
+
+
+def _cancel_check() -> Any:
+    """Stop a measurement between batches on preemption; single-process only, since ranks stopping at
+    different batches would leave the others waiting in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return None
+    return _stop.requested
 
 
 def _autocast(args: Any) -> Any:

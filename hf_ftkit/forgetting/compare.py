@@ -13,35 +13,40 @@ REPORTED = ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perple
 
 
 def measure_forgetting(base: str | Path, tuned: str | Path, data: Any, *, max_tokens: int = 32768,
-                   window: int = 2048, batch_tokens: int = 4096, column: str | None = None,
-                   seed: int = 0) -> dict[str, Any]:
+                       window: int = 2048, batch_tokens: int = 4096, column: str | None = None,
+                       seed: int = 0, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
     """Held-out metrics of ``base`` and ``tuned`` (a model directory or a PEFT adapter directory), KL and
     greedy agreement between them. An adapter is compared with its base through ``disable_adapter()``; a
-    full model with the base loaded beside it (exact KL).
+    full model with the base loaded beside it (exact KL). Custom modelling code never runs unless
+    ``trust_remote_code``; pickle-only checkpoints load only with ``allow_pickle``.
 
     Example:
         >>> report = measure_forgetting("./SmolLM2-135M-Instruct", "./out/adapter", "docs/")
         >>> report["kl"], report["top1_agreement"]
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hf_ftkit._models import check_model_dir, load_causal_lm, load_tokenizer
 
+    base = check_model_dir(base, "--base", allow_pickle=allow_pickle)
+    tuned_path = Path(check_model_dir(tuned, "--model", allow_pickle=allow_pickle))
     texts = load_texts(data, column=column)
-    tuned_path = Path(tuned)
     is_adapter = (tuned_path / "adapter_config.json").is_file()
-    tokenizer_dir = tuned_path if (tuned_path / "tokenizer_config.json").is_file() else Path(base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        base_model = AutoModelForCausalLM.from_pretrained(base)
-    except OSError as exc:
-        raise BadInputError(f"cannot load the base model {base} ({exc}); pass a model directory.") from None
+    tokenizer_dir = tuned_path if (tuned_path / "tokenizer_config.json").is_file() else base
+    remote = {"trust_remote_code": trust_remote_code}
+    tokenizer = load_tokenizer(tokenizer_dir, "--model" if tokenizer_dir == tuned_path else "--base", **remote)
+    base_model = load_causal_lm(base, "--base", **remote)
     evaluator = ForgettingEvaluator(sample_documents(texts, max_bytes=max_tokens * 8, seed=seed), tokenizer,
                                     window=window, max_tokens=max_tokens, batch_tokens=batch_tokens)
     if is_adapter:
         from peft import PeftModel
 
-        after = evaluator.measure(PeftModel.from_pretrained(base_model, tuned_path), 1)
+        try:
+            tuned_model = PeftModel.from_pretrained(base_model, tuned_path)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise BadInputError(f"--model {tuned_path} is not an adapter of --base {base} ({str(exc)[:200]}); "
+                                "pass the base it was trained on.") from None
+        after = evaluator.measure(tuned_model, 1)
     else:
-        model = AutoModelForCausalLM.from_pretrained(tuned_path)
+        model = load_causal_lm(tuned_path, "--model", **remote)
         if model.config.vocab_size != base_model.config.vocab_size:
             raise BadInputError("the tuned model's vocabulary differs from the base's; KL needs the same tokens.")
         after = evaluator.measure(model, 1, reference=base_model)
@@ -56,5 +61,6 @@ def measure_forgetting(base: str | Path, tuned: str | Path, data: Any, *, max_to
         "top1_agreement": after.values["top1_agreement"],
         "tokens": after.tokens,
         "documents": after.documents,
+        "truncated_documents": after.truncated_documents,  # cut to stay within max_tokens
         "adapter": is_adapter,
     }

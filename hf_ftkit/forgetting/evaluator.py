@@ -36,6 +36,7 @@ class Measurement:
     tokens: int
     documents: int
     base_values: dict[str, float | None] | None = None  # the base's metrics, where this pass computed them
+    truncated_documents: int = 0  # held-out documents cut to stay within max_tokens
 
     def deltas(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -90,12 +91,12 @@ class ForgettingEvaluator:
         self.baseline: dict[str, float | None] = {}
 
     def measure(self, model: Any, step: int, *, autocast_dtype: torch.dtype | None = None,
-                baseline: bool = False, reference: Any = None) -> Measurement:
+                baseline: bool = False, reference: Any = None, cancel: Any = None) -> Measurement:
         """Evaluate ``model`` (eval mode, inference mode, RNG untouched, mode restored afterwards).
 
         KL is taken against ``reference`` (a loaded base model) when given; else PEFT models are compared
         with their own base through ``disable_adapter()`` and other models with the top-k distribution
-        captured at the baseline.
+        captured at the baseline. ``cancel()`` turning true between batches raises ``MeasurementCancelled``.
         """
         peft = reference is None and is_peft(model)
         untouched = peft and adapter_is_identity(model)  # a fresh adapter is the base: one pass, KL 0
@@ -107,7 +108,7 @@ class ForgettingEvaluator:
         try:
             forward, ref = self._plan(model, peft=peft, untouched=untouched, baseline=baseline, reference=reference)
             sums = all_reduce(measure(model, self.encoded, pad_token=self.pad, forward=forward, reference=ref,
-                                      autocast_dtype=autocast_dtype,
+                                      autocast_dtype=autocast_dtype, cancel=cancel,
                                       extra_batches=batches_in_step(self.encoded)))
         finally:
             model.train(was_training)
@@ -124,7 +125,8 @@ class ForgettingEvaluator:
         if baseline:
             self.baseline = dict(values)
         base_values = dict(values) if untouched else sums.base_metrics()
-        return Measurement(step, values, dict(self.baseline), sums.tokens, sums.documents, base_values)
+        return Measurement(step, values, dict(self.baseline), sums.tokens, sums.documents, base_values,
+                           self.encoded.truncated)
 
     def _plan(self, model: Any, *, peft: bool, untouched: bool, baseline: bool,
               reference: Any) -> tuple[Logits | None, Reference]:

@@ -24,6 +24,7 @@ class Document:
     """One held-out document with the weights lm-evaluation-harness's wikitext task uses."""
 
     text: str
+    truncated: bool = False  # cut to the token budget; bytes and words are those of the kept text
 
     @property
     def bytes(self) -> int:

@@ -118,6 +118,7 @@ class EncodedSet:
     windows: list[Window]
     doc_of_window: list[int]
     batches: list[list[int]] = field(default_factory=list)
+    truncated: int = 0  # documents cut short to stay within max_tokens (the last one taken)
 
     @property
     def tokens(self) -> int:
@@ -133,11 +134,13 @@ def encode(documents: list[Document], tokenizer: Any, *, window: int, batch_toke
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start a document with.")
-    kept, windows, owner, total = [], [], [], 0
+    kept, windows, owner, total, truncated = [], [], [], 0, 0
     for doc in track(documents, "forgetting: tokenizing held-out text"):
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         if max_tokens is not None and total >= max_tokens:
             break
+        left = None if max_tokens is None else max_tokens - total
+        ids, doc = _tokens(doc, tokenizer, left)
+        truncated += doc.truncated
         total += len(ids)
         kept.append(doc)
         if (len(kept) - 1) % world != rank:
@@ -145,7 +148,7 @@ def encode(documents: list[Document], tokenizer: Any, *, window: int, batch_toke
         for item in rolling_windows(ids, prefix, window):
             windows.append(item)
             owner.append(len(kept) - 1)
-    encoded = EncodedSet(kept, windows, owner)
+    encoded = EncodedSet(kept, windows, owner, truncated=truncated)
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
     batch: list[int] = []
     for index in order:
@@ -159,6 +162,26 @@ def encode(documents: list[Document], tokenizer: Any, *, window: int, batch_toke
     if batch:
         encoded.batches.append(batch)
     return encoded
+
+
+CHARS_PER_TOKEN_CAP = 64  # text read per token still allowed: no tokenizer's tokens are longer in practice
+
+
+def _tokens(doc: Document, tokenizer: Any, left: int | None) -> tuple[list[int], Document]:
+    """The document's tokens, at most ``left`` of them: a longer document is cut (only its first
+    ``left × CHARS_PER_TOKEN_CAP`` characters are tokenized) and replaced by the text its kept tokens cover,
+    so bytes and words stay those of what is scored."""
+    if left is None or len(doc.text) <= left:  # no token is shorter than a character
+        return tokenizer(doc.text, add_special_tokens=False)["input_ids"], doc
+    text = doc.text[:left * CHARS_PER_TOKEN_CAP]
+    fast = getattr(tokenizer, "is_fast", False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = list(encoded["input_ids"])
+    if len(ids) <= left and len(text) == len(doc.text):
+        return ids, doc
+    ids = ids[:left]
+    kept = doc.text[:encoded["offset_mapping"][len(ids) - 1][1]] if fast else tokenizer.decode(ids)
+    return ids, Document(kept, truncated=True)
 
 
 Segment = tuple[int, int, int]  # (row, first scored position, one past the last) within a batch
@@ -224,9 +247,13 @@ class Reference:
     head_module: Any = None  # the module whose input is captured into ``capture_hidden``
 
 
+class MeasurementCancelled(Exception):
+    """A measurement stopped between batches because ``cancel()`` turned true (a preemption signal)."""
+
+
 def measure(model: Any, encoded: EncodedSet, *, pad_token: int, forward: Logits | None = None,
             reference: Reference | None = None, autocast_dtype: torch.dtype | None = None,
-            extra_batches: int = 0) -> Sums:
+            extra_batches: int = 0, cancel: Callable[[], object] | None = None) -> Sums:
     """Score the held-out set with ``forward`` (default: ``model`` itself) and, when ``reference`` gives the
     base distribution, KL(base ‖ model) and greedy agreement.
 
@@ -246,6 +273,8 @@ def measure(model: Any, encoded: EncodedSet, *, pad_token: int, forward: Logits 
     try:
         with torch.inference_mode(), autocast:
             for number, batch in enumerate(track(encoded.batches, "forgetting: scoring held-out text")):
+                if cancel is not None and cancel():
+                    raise MeasurementCancelled
                 ids, padding, segments = _batch_tensors(encoded, batch, pad_token, device)
                 mask = None if bool(padding.all()) else padding  # no padding: the plain causal path
                 seen.clear()

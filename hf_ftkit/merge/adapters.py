@@ -83,7 +83,7 @@ class Adapter:
 
     @property
     def r(self) -> int:
-        return int(self.config.get("r", 8))
+        return int(self.config.get("r", 8))  # validated by read_adapter
 
     @property
     def alpha(self) -> float:
@@ -129,12 +129,38 @@ class Adapter:
                 from safetensors.torch import load_file
 
                 try:
-                    self._tensors = load_file(str(self.weights_file))
+                    tensors = load_file(str(self.weights_file))
                 except Exception as exc:  # safetensors raises its own error types for corrupt files
                     raise BadInputError(f"{self.weights_file} cannot be read ({exc}); re-save the adapter.") from None
             else:
-                self._tensors = torch.load(self.weights_file, map_location="cpu", weights_only=True)
+                try:
+                    tensors = torch.load(self.weights_file, map_location="cpu", weights_only=True)
+                except Exception as exc:  # weights_only refuses anything but tensors: a crafted pickle lands here
+                    raise BadInputError(f"{self.weights_file} is not a plain tensor file ({type(exc).__name__}); "
+                                        "re-save the adapter as safetensors.") from None
+                if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+                    raise BadInputError(f"{self.weights_file} does not hold a dict of tensors; re-save the adapter.")
+            for name, tensor in tensors.items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise BadInputError(f"{self.weights_file}: tensor {name} holds NaN or infinite values; the "
+                                        "adapter is broken (diverged training?): use an earlier checkpoint.")
+            self._tensors = tensors
         return self._tensors
+
+    def uncovered_modules(self) -> list[str]:
+        """LoRA modules in the weights file that the config's ``target_modules`` does not match: PEFT would
+        silently ignore them when it loads the adapter, while a tensor-by-tensor merge would apply them."""
+        if self.config.get("target_parameters") or not self.config.get("target_modules"):
+            return []
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        fields = LoraConfig.__dataclass_fields__
+        try:
+            config = LoraConfig(**{k: v for k, v in self.config.items() if k in fields and k != "peft_type"})
+        except (TypeError, ValueError):
+            return []  # an unusual config PEFT itself cannot build; other checks name what is wrong
+        return sorted(name for name in self.modules() if not check_target_module_exists(config, name))
 
     def modules(self) -> dict[str, LoraModule]:
         """The low-rank modules, by base module path."""
@@ -150,6 +176,9 @@ class Adapter:
             lora_b = found.get("lora_embedding_B" if embedding else "lora_B")
             if lora_a is None or lora_b is None:
                 raise BadInputError(f"{self.weights_file}: module {name} has only one of lora_A/lora_B; re-save it.")
+            if lora_a.dim() != 2 or lora_b.dim() != 2 or _rank_of(lora_b, embedding) != int(lora_a.shape[0]):
+                raise BadInputError(f"{self.weights_file}: module {name} has lora_A {tuple(lora_a.shape)} and lora_B "
+                                    f"{tuple(lora_b.shape)}, whose ranks disagree; re-save the adapter.")
             modules[name] = LoraModule(
                 name=name,
                 kind="embedding" if embedding else "linear",
@@ -185,6 +214,25 @@ class Adapter:
         return scaling_for(alpha, rank, self.use_rslora)
 
 
+def _rank_of(lora_b: torch.Tensor, embedding: bool) -> int:
+    # Linear: A (r, in), B (out, r). Embedding: A (r, vocab), B (dim, r) as PEFT stores them.
+    return int(lora_b.shape[1])
+
+
+def _check_config(config: dict[str, Any], config_file: Path) -> None:
+    """The numbers the merge computes with: a positive integer rank and a finite alpha."""
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise BadInputError(f"{config_file}: r = {r!r} is not a positive integer rank; fix or re-save the adapter.")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise BadInputError(f"{config_file}: lora_alpha = {alpha!r} is not a finite number; fix or re-save the "
+                            "adapter.")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str | list):
+        raise BadInputError(f"{config_file}: target_modules = {targets!r} is neither a list nor a pattern; fix or "
+                            "re-save the adapter.")
+
+
 def scaling_for(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
@@ -206,6 +254,10 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise BadInputError(f"{config_file} is not valid JSON (line {exc.lineno}); fix or re-save it.") from None
+    if not isinstance(config, dict):
+        raise BadInputError(f"{config_file} holds a {type(config).__name__}, not an object of LoRA settings; "
+                            "re-save the adapter.")
+    _check_config(config, config_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise BadInputError(f"{path} is a {config.get('peft_type')} adapter; hf-ftkit composes and merges LoRA only.")
     safetensors_file, pickle_file = path / "adapter_model.safetensors", path / "adapter_model.bin"

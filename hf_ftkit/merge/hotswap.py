@@ -46,7 +46,7 @@ class AdapterSet:
         if errors:
             raise BadInputError(errors[0].message)
         if isinstance(base, str | Path):
-            base = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
+            base = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False)
         names = list(adapters)
         self.model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
         for name in names[1:]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -103,7 +105,7 @@ def compatibility(adapters: list[Adapter], base_shapes: dict[str, tuple[int, ...
 
     ``base_shapes`` maps base tensor names (``model.layers.0.self_attn.q_proj.weight``) to shapes.
     """
-    findings: list[Finding] = []
+    findings: list[Finding] = [f for a in adapters if (f := uncovered_finding(a)) is not None]
     if base_shapes is not None:
         for adapter in adapters:
             findings += _against_base(adapter, base_shapes)
@@ -148,6 +150,17 @@ def compatibility(adapters: list[Adapter], base_shapes: dict[str, tuple[int, ...
             )
         )
     return findings
+
+
+def uncovered_finding(adapter: Adapter) -> Finding | None:
+    """An error when the weights file holds LoRA pairs its config's target_modules does not cover."""
+    uncovered = adapter.uncovered_modules()
+    if not uncovered:
+        return None
+    shown = ", ".join(uncovered[:3]) + (f" and {len(uncovered) - 3} more" if len(uncovered) > 3 else "")
+    return Finding("error", f"{adapter.path} holds LoRA weights for {shown}, which its target_modules "
+                            f"({adapter.config.get('target_modules')}) does not cover, so PEFT would ignore them; "
+                            "add them to target_modules in adapter_config.json or re-save the adapter.")
 
 
 def _single(adapter: Adapter) -> list[Finding]:
@@ -253,14 +266,31 @@ def serving_check(adapters: list[Adapter], engine: str, base: str | None = None)
             )
         if any(m.kind == "embedding" for m in adapter.modules().values()) and not spec["allows_embedding_lora"]:
             findings.append(Finding("error", f"{adapter.path} has LoRA on embeddings, which {spec['name']} ignores."))
-    names = [Path(a.path).name for a in adapters]
-    modules = " ".join(f"{n}={a.path}" for n, a in zip(names, adapters, strict=True))
+    base_name = base or adapters[0].base_model or "BASE"
+    if not is_model_reference(base_name):
+        findings.append(Finding("error", f"the base name {base_name!r} is neither a hub id nor a path, so no serving "
+                                         "command is printed; fix base_model_name_or_path or pass --base."))
+        base_name = "BASE"
+    pairs = [f"{Path(a.path).name}={a.path}" for a in adapters]
+    modules = " ".join(shlex.quote(p) for p in pairs)
     if engine == "tgi":
-        modules = ",".join(f"{n}={a.path}" for n, a in zip(names, adapters, strict=True))
-    command = spec["command"].format(
-        base=base or adapters[0].base_model or "BASE", max_rank=chosen_rank, count=len(adapters), modules=modules
-    )
+        modules = shlex.quote(",".join(pairs))
+    command = spec["command"].format(base=shlex.quote(base_name), max_rank=chosen_rank, count=len(adapters),
+                                     modules=modules)
     return findings, {"engine": engine, "max_lora_rank": chosen_rank, "command": command}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+_PATH = re.compile(r"^[\w./~+@-]+$")  # what a local path made by a tool or a person holds; no shell syntax
+
+
+def is_model_reference(name: str) -> bool:
+    """A hub id (``org/name``), or a path: an existing one, or one without shell syntax or control characters."""
+    if _HUB_ID.match(name) and ".." not in name:
+        return True
+    if any(ord(c) < 32 for c in name):
+        return False
+    return Path(name).expanduser().exists() or bool(_PATH.match(name))
 
 
 def inspect_adapters(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
+import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from hf_ftkit.merge._stream_io import base_entries
 from hf_ftkit.merge.adapters import Adapter, read_adapter
 from hf_ftkit.merge.base import read_config, resolve_base_dir
 from hf_ftkit.merge.compose import Composition, compose
-from hf_ftkit.merge.inspect import compatibility
-from hf_ftkit.merge.output import atomic_directory, check_space, check_target
+from hf_ftkit.merge.inspect import compatibility, uncovered_finding
+from hf_ftkit.merge.output import atomic_directory, check_space, check_target, scratch_directory
 from hf_ftkit.merge.streaming import (
     TOKENIZER_FILES,
     MergePlan,
@@ -101,22 +102,54 @@ def merge_adapters(
     if dtype is not None and dtype not in DTYPES:
         raise BadInputError(f"unknown --dtype {dtype!r}; use one of: {', '.join(DTYPES)}.")
     torch_dtype = to_torch(dtype) if dtype else None
-    check_target(out.absolute(), overwrite)
-    read = [read_adapter(p, allow_pickle=allow_pickle) for p in adapters]
+    _check_options(weights, density, svd_rank, tolerance, max_shard_bytes)
     base_dir = None if adapter_only else resolve_base_dir(base)
+    inputs = [*adapters, base_dir or base]
+    check_target(out.absolute(), overwrite, inputs)
+    read = [read_adapter(p, allow_pickle=allow_pickle) for p in adapters]
+    for adapter in read:  # the in-memory (PEFT) and streaming paths would disagree on such an adapter
+        if (finding := uncovered_finding(adapter)) is not None:
+            raise BadInputError(finding.message)
     composition = compose(base_dir or base, list(read), weights, method, density=density, svd_rank=svd_rank)
     if adapter_only:
-        with atomic_directory(out, overwrite=overwrite) as partial:
-            composition.save(partial)
-            _copy_tokenizer(read[0].path, partial)
+        with atomic_directory(out, overwrite=overwrite, inputs=inputs, marker=_marker("adapter", composition)) as part:
+            composition.save(part)
+            _copy_tokenizer(read[0].path, part)
         return MergeResult(out, "adapter", composition.report(), seconds=time.perf_counter() - started)
     assert base_dir is not None
     read_config(base_dir)
-    with tempfile.TemporaryDirectory(prefix="hf-ftkit-merge-") as scratch:
-        base_dir = _safetensors_base(base_dir, allow_pickle, Path(scratch) / "base")
+    scratch = scratch_directory(out)  # beside the output: same disk, and cleaned up if this run is killed
+    try:
+        base_dir = _safetensors_base(base_dir, allow_pickle, scratch / "base")
         options = _Options(torch_dtype, streaming, qlora, verify, prompts, tolerance, overwrite, max_shard_bytes,
-                           progress, started)
-        return _merge_into_base(base_dir, read, composition, out, Path(scratch) / "adapter", options)
+                           progress, started, inputs)
+        return _merge_into_base(base_dir, read, composition, out, scratch / "adapter", options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_options(weights: list[float] | None, density: float | None, svd_rank: int | None,
+                   tolerance: float | None, max_shard_bytes: int) -> None:
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise BadInputError(f"--weights {' '.join(map(str, weights))} holds a non-finite value; pass finite numbers.")
+    if density is not None and not 0 < density <= 1:
+        raise BadInputError(f"--density {density} is outside (0, 1]; pass the fraction of entries to keep.")
+    if svd_rank is not None and svd_rank < 1:
+        raise BadInputError(f"--svd-rank {svd_rank} is not a positive rank; pass 1 or more.")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise BadInputError(f"--tolerance {tolerance} is not a finite number >= 0; pass the largest accepted "
+                            "max |Δlogit|.")
+    if max_shard_bytes < 1:
+        raise BadInputError("--max-shard-size must be positive; pass e.g. 5GB.")
+
+
+def _marker(mode: str, composition: Composition) -> str:
+    """The output's MARKER: what wrote it (a later --overwrite may replace only such a directory)."""
+    from hf_ftkit import __version__
+
+    return json.dumps({"written_by": f"hf-ftkit {__version__}", "command": "merge", "mode": mode,
+                       "composition": {k: v for k, v in composition.report().items() if k != "layer_errors"}},
+                      indent=2) + "\n"
 
 
 def _safetensors_base(base_dir: Path, allow_pickle: bool, scratch: Path) -> Path:
@@ -132,7 +165,8 @@ def _safetensors_base(base_dir: Path, allow_pickle: bool, scratch: Path) -> Path
         )
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=False)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=False,
+                                                 trust_remote_code=False)
     model.save_pretrained(scratch)
     _copy_tokenizer(base_dir, scratch)
     for extra in ("generation_config.json",):
@@ -153,6 +187,7 @@ class _Options:
     max_shard_bytes: int
     progress: Callable[[int, int], None] | None
     started: float
+    inputs: list[str | Path]
 
 
 def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Composition, out: Path, adapter_dir: Path,
@@ -168,7 +203,9 @@ def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Compositi
                          config_updates=plan.config_updates)
     adapter_dir.mkdir()
     composition.save(adapter_dir)
-    with atomic_directory(out, overwrite=options.overwrite) as partial:
+    mode = "streaming" if streaming else "in-memory"
+    with atomic_directory(out, overwrite=options.overwrite, inputs=options.inputs,
+                          marker=_marker(mode, composition)) as partial:
         if streaming:
             stream_merge(base_dir, adapter, partial, dtype=torch_dtype, qlora=qlora,
                          max_shard_bytes=options.max_shard_bytes, progress=options.progress,
@@ -181,6 +218,11 @@ def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Compositi
             result.verification, result.qlora = _verify(
                 base_dir, adapter_dir, partial, plan, composition, torch_dtype, qlora, options.prompts,
                 options.tolerance, streaming)
+            diff = result.verification["max_abs_logit_diff"]
+            if not math.isfinite(diff):
+                raise MergeVerificationError(
+                    "the merged model's outputs are not finite (NaN or inf), so nothing was written; the base "
+                    "holds non-finite weights or the merge overflowed --dtype: check the base, or merge in fp32.")
             if not result.verification["passed"]:
                 raise MergeVerificationError(
                     f"the merged model differs from base + adapter by "
@@ -203,7 +245,8 @@ def _load_base(base_dir: Path, plan: MergePlan, dtype: torch.dtype | None, quant
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=dtype or "auto", quantization_config=quantization, low_cpu_mem_usage=True
+        base_dir, dtype=dtype or "auto", quantization_config=quantization, low_cpu_mem_usage=True,
+        trust_remote_code=False,
     )
     vocab = plan.config_updates.get("vocab_size")
     if vocab:
@@ -293,7 +336,7 @@ def _logits(load: Callable[[], Any], inputs: list[torch.Tensor]) -> list[torch.T
 def _load_merged(out_dir: Path, dtype: torch.dtype | None) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype or "auto")
+    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype or "auto", trust_remote_code=False)
 
 
 def _with_adapter(model: Any, adapter_dir: Path) -> Any:

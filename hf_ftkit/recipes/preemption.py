@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from hf_ftkit import _stop
+
 
 class PreemptionCallback(TrainerCallback):
     """Turns a termination signal into "save a checkpoint now and stop" at the next step's end.
@@ -23,6 +25,7 @@ class PreemptionCallback(TrainerCallback):
 
     def request(self, name: str) -> None:
         self.signal_name = self.signal_name or name
+        _stop.request(name)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         requested = self.signal_name is not None
@@ -37,10 +40,11 @@ class PreemptionCallback(TrainerCallback):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             requested = bool(flag.item())
             if requested and self.signal_name is None:
-                self.signal_name = "another rank's signal"
+                self.request("another rank's signal")
         if requested:
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # the checkpoint first: an evaluation could outlast the grace period
             self.stopped_at = state.global_step
 
 
@@ -56,6 +60,7 @@ def preemption_signals(callback: PreemptionCallback) -> Iterator[None]:
             raise KeyboardInterrupt
         callback.request(name)
 
+    _stop.clear()
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, handler)
     try:
@@ -63,3 +68,4 @@ def preemption_signals(callback: PreemptionCallback) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        _stop.clear()

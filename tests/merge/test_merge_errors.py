@@ -106,8 +106,12 @@ def test_existing_output_is_kept_without_overwrite(smollm2_dir, adapters, tmp_pa
     with pytest.raises(BadInputError, match="already exists; pass --overwrite"):
         merge_adapters(smollm2_dir, [adapters["rslora"]], out)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(BadInputError, match="only replaces a directory hf-ftkit wrote"):
+        merge_adapters(smollm2_dir, [adapters["rslora"]], out, overwrite=True, streaming=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     merge_adapters(smollm2_dir, [adapters["rslora"]], out, overwrite=True, streaming=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 def test_full_disk_is_refused_before_writing(smollm2_dir, adapters, tmp_path, monkeypatch):

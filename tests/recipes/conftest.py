@@ -10,25 +10,6 @@ DEMO = ROOT / "recipes" / "smollm2" / "135m_lora_demo.yaml"
 DATA = ROOT / "recipes" / "data" / "iso_dates"
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A tiny random Llama with SmolLM2's real tokenizer and chat template: for fast recipe runs."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    import torch
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def write_recipe(path: Path, **values) -> Path:
     """A recipe file: the tiny CPU defaults below, updated with ``values`` (None removes a key)."""
     base = {

@@ -13,8 +13,11 @@ from hf_ftkit.errors import BadInputError
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, UnicodeDecodeError)
 
 
-def check_model_dir(path: str | Path, flag: str, *, allow_pickle: bool = False) -> Path | str:
-    """``path`` when it is a model folder (or a hub id-like name); one sentence otherwise."""
+def check_model_dir(path: str | Path, flag: str, *, allow_pickle: bool = False,
+                    trust_remote_code: bool = False) -> Path:
+    """The local folder of ``path`` (a directory, or a hub id in the Hugging Face cache); one sentence when it is
+    not a model hf-ftkit may load: missing, pickle-only without ``allow_pickle``, or custom code without
+    ``trust_remote_code``."""
     text = str(path)
     local = Path(text).expanduser()
     looks_local = local.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
@@ -22,7 +25,7 @@ def check_model_dir(path: str | Path, flag: str, *, allow_pickle: bool = False) 
         from hf_ftkit.merge.base import resolve_base_dir
 
         try:  # a hub id: from the Hugging Face cache only (no minutes of retries against an unreachable hub)
-            return resolve_base_dir(text)
+            local = resolve_base_dir(text)
         except BadInputError:
             raise BadInputError(f"{flag} {text} is neither a local model directory nor in the Hugging Face cache; "
                                 f"download it first (`hf download {text}`) or pass its folder.") from None
@@ -31,11 +34,27 @@ def check_model_dir(path: str | Path, flag: str, *, allow_pickle: bool = False) 
                             "folder save_pretrained wrote.")
     if not (local / "config.json").is_file() and not (local / "adapter_config.json").is_file():
         raise BadInputError(f"{flag} {text} has no config.json; pass the folder save_pretrained wrote.")
+    if not trust_remote_code and _needs_remote_code(local):
+        raise BadInputError(f"{flag} {text} needs its own modelling code (auto_map in its config), which hf-ftkit "
+                            "does not run unasked; pass --trust-remote-code only if you trust its author.")
     pickled = list(local.glob("*.bin")) or list(local.glob("*.pt"))
     if pickled and not list(local.glob("*.safetensors")) and not allow_pickle:
         raise BadInputError(f"{flag} {text} holds pickle weights only ({pickled[0].name}), which can run code when "
                             "loaded; convert them to safetensors or pass --allow-pickle if you trust them.")
     return local
+
+
+def _needs_remote_code(folder: Path) -> bool:
+    import json
+
+    for name in ("config.json", "adapter_config.json"):
+        try:
+            config = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("auto_map"):
+            return True
+    return False
 
 
 def load_causal_lm(path: str | Path, flag: str, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:

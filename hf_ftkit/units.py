@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from hf_ftkit.errors import BadInputError
@@ -68,7 +69,10 @@ def parse_count(text: str, *, what: str = "count") -> int:
     match = _COUNT_RE.match(str(text))
     if not match:
         raise BadInputError(f"{what} {text!r} is not a count; write it like 50M, 1.5B or 2000000.")
-    return int(round(float(match.group(1).replace("_", "")) * _COUNT_UNITS[match.group(2).lower()]))
+    value = float(match.group(1).replace("_", "")) * _COUNT_UNITS[match.group(2).lower()]
+    if not math.isfinite(value) or value > 1e30:
+        raise BadInputError(f"{what} {text!r} is too large to be a count; write it like 50M, 1.5B or 2000000.")
+    return int(round(value))
 
 
 def format_count(value: float) -> str:

@@ -43,15 +43,23 @@ def _pyplot(path: str | Path) -> tuple[Any, Path]:
     out = Path(path)
     if not out.parent.exists():
         raise BadInputError(f"--plot {path}: folder {out.parent} does not exist; create it or choose another path.")
+    if out.is_dir():
+        raise BadInputError(f"--plot {path} is a directory; pass a file name such as {out / 'plan.png'}.")
     return plt, out
 
 
 def _save(plt: Any, fig: Any, out: Path) -> Path:
     fig.tight_layout()
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BadInputError(f"--plot {out}: cannot write there ({exc.strerror or exc}); choose another path.") \
+            from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -26,8 +26,9 @@ def measure_forgetting(base: str | Path, tuned: str | Path, data: Any, *, max_to
     """
     from hf_ftkit._models import check_model_dir, load_causal_lm, load_tokenizer
 
-    base = check_model_dir(base, "--base", allow_pickle=allow_pickle)
-    tuned_path = Path(check_model_dir(tuned, "--model", allow_pickle=allow_pickle))
+    safety = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    base = check_model_dir(base, "--base", **safety)
+    tuned_path = check_model_dir(tuned, "--model", **safety)
     texts = load_texts(data, column=column)
     is_adapter = (tuned_path / "adapter_config.json").is_file()
     tokenizer_dir = tuned_path if (tuned_path / "tokenizer_config.json").is_file() else base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -45,9 +46,12 @@ def load_texts(spec: str | Path | Sequence[str], *, column: str | None = None) -
     """
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         return [str(t) for t in spec]
+    if str(spec) == "stdlib":  # the offline default recipes use too
+        return stdlib_documents()
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        files = sorted(Path(root) / name for root, _, names in os.walk(path)  # unreadable folders are skipped
+                       for name in names if Path(name).suffix in FILE_SUFFIXES)
         if not files:
             raise BadInputError(f"{path} holds no {'/'.join(FILE_SUFFIXES)} files; point --data at text files.")
         return [t for f in files for t in _file_texts(f, column)]
@@ -57,6 +61,17 @@ def load_texts(spec: str | Path | Sequence[str], *, column: str | None = None) -
 
 
 def _file_texts(path: Path, column: str | None) -> list[str]:
+    try:
+        return _read_file_texts(path, column)
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path} is not UTF-8 text (a binary file?); pass text, JSON lines or parquet.") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path} is not valid JSON (line {exc.lineno}); fix the file.") from None
+    except OSError as exc:
+        raise BadInputError(f"{path} cannot be read ({exc.strerror or exc}); pass a readable file.") from None
+
+
+def _read_file_texts(path: Path, column: str | None) -> list[str]:
     if path.suffix in (".txt", ".md"):
         return [path.read_text(encoding="utf-8", errors="replace")]
     if path.suffix == ".parquet":
@@ -76,6 +91,9 @@ def _column(rows: list[Any], column: str | None, where: str) -> list[str]:
         return [str(r) for r in rows]
     if not rows:
         return []
+    if not all(isinstance(r, dict) for r in rows):
+        raise BadInputError(f"{where} holds {type(rows[0]).__name__} rows, not text or objects with a text column; "
+                            "pass one document per row.")
     keys = list(rows[0])
     if column is None:
         column = next((c for c in TEXT_COLUMNS if c in keys), None)
@@ -93,6 +111,8 @@ def _dataset_texts(spec: str, column: str | None) -> list[str]:
     try:
         import datasets
 
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            datasets.config.HF_HUB_OFFLINE = True  # read at import: a later setting would leave minutes of retries
         data = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many types for "not found"/"offline"
         raise BadInputError(

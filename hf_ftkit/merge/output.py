@@ -116,12 +116,23 @@ def _alive(pid: int) -> bool:
 def scratch_directory(target: Path) -> Path:
     """A fresh scratch folder beside ``target`` (same disk, cleaned by ``remove_stale`` if the run is killed)."""
     target = target.absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create {target.parent} ({exc.strerror}); choose another --out.") from None
     remove_stale(target.parent)
     scratch = target.parent / f".{target.name}{_SCRATCH}{_owner_tag()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    _make_directory(scratch, target)
     return scratch
+
+
+def _make_directory(path: Path, target: Path) -> None:
+    try:
+        path.mkdir()
+    except OSError as exc:
+        raise BadInputError(f"cannot write into {target.parent} ({exc.strerror or exc}); choose another --out.") \
+            from None
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -146,7 +157,7 @@ def atomic_directory(target: Path, *, overwrite: bool = False, inputs: Sequence[
     remove_stale(target.parent)
     partial = target.parent / f".{target.name}{_PARTIAL}{_owner_tag()}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    _make_directory(partial, target)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -165,8 +165,12 @@ def _safetensors_base(base_dir: Path, allow_pickle: bool, scratch: Path) -> Path
         )
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=False,
-                                                 trust_remote_code=False)
+    try:  # transformers reads .bin with weights_only: a crafted pickle fails here instead of running
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=False,
+                                                     trust_remote_code=False)
+    except Exception as exc:  # unpickling raises many types; all mean "not plain weights"
+        raise BadInputError(f"the pickle weights in {base_dir} are not plain tensors ({type(exc).__name__}); "
+                            "convert the base to safetensors from a source you trust.") from None
     model.save_pretrained(scratch)
     _copy_tokenizer(base_dir, scratch)
     for extra in ("generation_config.json",):

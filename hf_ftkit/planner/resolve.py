@@ -40,8 +40,10 @@ def _catalog_spec(entry: dict[str, Any], model_id: str) -> ModelSpec:
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path} is a binary file, not a JSON config.json; pass the model's config.json.") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path} is not a readable config.json ({exc}); pass a valid file.") from exc
+        raise BadInputError(f"{path} is not a readable config.json ({exc}); pass a valid file.") from None
     if not isinstance(data, dict):
         raise BadInputError(f"{path} does not hold a JSON object; pass a model's config.json.")
     return data

@@ -8,11 +8,36 @@ from typing import Any
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.planner.spec import LinearGroup, ModelSpec, dims_from_config
 
+# Sizes a config.json may give; each must be a positive integer, and a config needs some of them.
+DIMENSION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings", "n_embd", "n_layer",
+                  "n_head", "n_inner", "n_positions", "d_model", "ffn_dim", "num_layers", "num_heads",
+                  "moe_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok", "n_embed")
+REQUIRED_ANY = ("hidden_size", "n_embd", "n_embed", "d_model", "dim")
+
+
+def check_dimensions(config: dict[str, Any]) -> None:
+    """One sentence for sizes that cannot be a model's: negative, zero, fractional or not numbers, or none."""
+    parts = [config, *(v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict))]
+    for part in parts:
+        for key in DIMENSION_KEYS:
+            value = part.get(key)
+            if value is None:
+                continue
+            values = value if isinstance(value, list) and value else [value]  # per-layer sizes (Gemma 3n)
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise BadInputError(f"config.json gives {key} = {value!r}, which is not a positive integer; fix the "
+                                    "config or pass the model's own config.json.")
+    if not any(key in part for part in parts for key in REQUIRED_ANY):
+        raise BadInputError("config.json gives no model size (hidden_size, layers, heads...); planning it from "
+                            "transformers' defaults would describe another model: pass the model's full config.json.")
+
 
 def config_from_dict(config: dict[str, Any]) -> Any:
     """A ``PretrainedConfig`` from a config.json dict (``model_type`` picks the class)."""
     from transformers import AutoConfig
 
+    check_dimensions(config)
     values = dict(config)
     model_type = values.pop("model_type", None)
     if not model_type:
@@ -32,12 +57,16 @@ def build_meta_model(config: Any) -> Any:
 
     with torch.device("meta"):
         try:
-            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=False)
         except ValueError as exc:
             raise BadInputError(
                 f"model_type {config.model_type!r} has no causal-LM class in transformers; "
                 "hf-ftkit plans causal language models only."
             ) from exc
+        except (RuntimeError, TypeError, AttributeError, ZeroDivisionError, AssertionError) as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"transformers cannot build {config.model_type!r} from this config ({reason}); "
+                                "pass the model's own, complete config.json.") from None
 
 
 def _decoder_layers(model: Any, num_layers: int) -> Any:

@@ -99,10 +99,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """The recipe file as a mapping; safe loading only (no Python tags)."""
     import yaml
 
+    if path.is_dir():
+        raise BadInputError(f"--config {path} is a directory; pass the path of a recipe YAML in it (see recipes/).")
     if not path.is_file():
         raise BadInputError(f"recipe file {path} does not exist; pass the path of a recipe YAML (see recipes/).")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadInputError(f"--config {path} is not a text file (binary?); pass a recipe YAML.") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import stat
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import pytest
 from hf_ftkit.cli.main import main, make_parser
 from tests.conftest import build_adapter
 
-BAD_VALUES = ("-3", "0", "abc", "", "nan", "inf", "1e400", "/nonexistent/x", "../..")
+BAD_VALUES = ("-3", "0", "abc", "", "nan", "inf", "1e400", "/nonexistent/x", ".")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +73,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize(("command", "flag"), value_flags())
 def test_every_flag_with_bad_values(command, flag, files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dataset id is looked up in the cache only: no minutes of retries
     out = tmp_path / "out"
     for value in BAD_VALUES:
         before = tree(files["root"]) | tree(tmp_path)
@@ -95,11 +94,26 @@ def write_config(folder: Path, **values) -> Path:
     return folder
 
 
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _payload(marker: Path) -> bytes:
+    """A pickle that runs a command when loaded without weights_only."""
+    import pickle
+
+    return pickle.dumps({"weight": _Exploit(marker)})
+
+
 def cases(files: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str]]:
     """Hostile inputs named in the reliability issue: argv and a word the one-line error must contain."""
-    blocked = tmp / "blocked"
-    blocked.mkdir()
-    os.chmod(blocked, stat.S_IRUSR | stat.S_IXUSR)
+    blocked = Path("/proc")  # unwritable even for root, who ignores permission bits
     (tmp / "afile").write_text("x")
     (tmp / "plotdir").mkdir()
     pickle_only = tmp / "pickled"
@@ -107,17 +121,32 @@ def cases(files: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str]]
     (pickle_only / "model.safetensors").rename(pickle_only / "pytorch_model.bin")
     remote = write_config(tmp / "remote", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilModel"},
                           model_type="evil")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (files["model"] / name).is_file():
+            shutil.copy(files["model"] / name, remote / name)
     (remote / "modeling_evil.py").write_text("import os\nos.system('touch " + str(tmp / "pwned") + "')\n")
+    evil_adapter = tmp / "evil_adapter"
+    shutil.copytree(files["adapter"], evil_adapter)
+    (evil_adapter / "adapter_model.safetensors").unlink()
+    (evil_adapter / "adapter_model.bin").write_bytes(_payload(tmp / "pwned"))
+    evil_base = tmp / "evil_base"
+    shutil.copytree(files["model"], evil_base)
+    (evil_base / "model.safetensors").unlink()
+    (evil_base / "pytorch_model.bin").write_bytes(_payload(tmp / "pwned"))
     merge = ["merge", str(files["model"]), str(files["adapter"])]
     forgetting = ["forgetting", "--data", str(files["heldout"])]
     return {
+        "pickle_adapter": (["merge", str(files["model"]), str(evil_adapter), "--out", str(tmp / "o"),
+                            "--allow-pickle"], "not a plain tensor file"),
+        "pickle_base": (["merge", str(evil_base), str(files["adapter"]), "--out", str(tmp / "o"), "--allow-pickle"],
+                        "not plain tensors"),
         "svd_rank": ([*merge, "--out", str(tmp / "o"), "--method", "ties_svd", "--svd-rank", "-3"], "--svd-rank"),
         "tolerance": ([*merge, "--out", str(tmp / "o"), "--tolerance", "-1"], "--tolerance"),
-        "out_unwritable": ([*merge, "--out", str(blocked / "o")], "permission"),
+        "out_unwritable": ([*merge, "--out", str(blocked / "o")], "cannot write into"),
         "out_under_file": ([*merge, "--out", str(tmp / "afile" / "o")], "under the file"),
         "plan_negative_dim": (["plan", str(write_config(tmp / "neg", hidden_size=-256))], "hidden_size"),
         "plan_string_dim": (["plan", str(write_config(tmp / "str", num_hidden_layers="two"))], "num_hidden_layers"),
-        "plan_binary_config": (["plan", str(files["binary"])], "not a JSON"),
+        "plan_binary_config": (["plan", str(files["binary"])], "not a JSON config.json"),
         "plot_directory": (["plan", "meta-llama/Llama-3.1-8B", "--plot", str(tmp / "plotdir")], "--plot"),
         "plot_unwritable": (["plan", "meta-llama/Llama-3.1-8B", "--plot", str(blocked / "p.png")], "--plot"),
         "forgetting_missing_model": ([*forgetting, "--base", str(files["model"]), "--model", str(tmp / "nope")],

@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optim", default=d.optim, help="TrainingArguments.optim name (default %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
-    p.add_argument("--lora-r", type=positive_int, default=d.lora_r)
+    p.add_argument("--lora-r", type=positive_int, help=f"LoRA rank (default {d.lora_r})")
     p.add_argument("--lora-targets", default=d.lora_targets, help="all-linear or q_proj,v_proj,...")
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument("--modules-to-save", default="", help="comma-separated, e.g. embed_tokens,lm_head")
@@ -99,8 +99,8 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     return PlanInputs(
         method="full" if args.method == "auto" else args.method, batch_size=args.batch_size, seq_len=args.seq_len,
         gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
-        optim=args.optim, precision=args.precision, lora_r=args.lora_r, lora_targets=args.lora_targets,
-        lora_dropout=args.lora_dropout,
+        optim=args.optim, precision=args.precision, lora_r=args.lora_r or PlanInputs().lora_r,
+        lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
         modules_to_save=tuple(m.strip() for m in args.modules_to_save.split(",") if m.strip()),
         quant_type=args.quant_type, double_quant=not args.no_double_quant, quant_storage=args.quant_storage,
         kbit_upcast=args.kbit_upcast,
@@ -125,6 +125,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HfFtkitWarning)  # kept in result.warnings, printed below
         result = plan(spec, inputs, budget=args.budget, exact=args.exact)
+    if inputs.method == "full" and args.lora_r is not None:
+        result.warnings.append("--lora-r has no effect with --method full, which trains every weight; drop it or "
+                               "choose --method lora.")
     if not (args.json or args.quiet):
         for message in result.warnings:
             print(f"warning: {message}", file=sys.stderr)

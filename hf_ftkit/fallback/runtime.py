@@ -65,6 +65,7 @@ class RunSummary:
     final: dict[str, Any]
     output_dir: str
     fallbacks: list[FallbackEvent] = field(default_factory=list)
+    error: str | None = None  # why the run ended without completing (the ladder was exhausted)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -127,6 +128,11 @@ def train_with_fallback(
         except Exception as exc:
             remaining = _later_rungs(setup, current.inputs)
             if not is_oom(exc) or len(events) >= max_fallbacks or not remaining:
+                if summary_file and is_oom(exc):  # the ladder is exhausted: what was tried, and where it saved
+                    error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                    _write_summary(root / summary_file, RunSummary(completed=False, final=current.chosen_dict(),
+                                                                   output_dir=str(folder), fallbacks=events,
+                                                                   error=error))
                 raise
             step = int(getattr(trainer.state, "global_step", 0))
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -146,7 +152,13 @@ def train_with_fallback(
         current = after
     summary = RunSummary(completed=True, final=current.chosen_dict(), output_dir=str(folder), fallbacks=events)
     if summary_file:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / summary_file).write_text(summary.to_json() + "\n")
+        _write_summary(root / summary_file, summary)
     return summary
+
+
+def _write_summary(path: Path, summary: RunSummary) -> None:
+    from hf_ftkit._files import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, summary.to_json() + "\n")
 

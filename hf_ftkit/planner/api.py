@@ -49,7 +49,14 @@ def plan(
         raise BadInputError(f"unknown plan option ({exc}); valid options: {valid}.") from exc
     spec = _as_spec(model, allow_online)
     resolved = parse_budget(budget) if budget is not None else None
+    if resolved is not None and (resolved.bytes < 1 or isinstance(budget, str) and resolved.bytes < MIN_BUDGET_BYTES):
+        raise BadInputError(f"--budget {budget} is {resolved.bytes} bytes, less than any GPU has; pass a size like "
+                            "24GiB or a GPU name.")
+    check_targets(spec, inputs)
     result = estimate(spec, inputs, resolved.bytes if resolved else None, resolved.label if resolved else None)
+    for message in intent_warnings(spec, inputs):
+        result.warnings.append(message)
+        warnings.warn(message, HfFtkitWarning, stacklevel=2)
     if spec.max_position and inputs.seq_len > spec.max_position:
         message = (
             f"--seq-len {inputs.seq_len} is longer than {spec.model_id}'s context of {spec.max_position} tokens; "
@@ -60,6 +67,36 @@ def plan(
     if exact:
         result = _exact_plan(spec, result)
     return result
+
+
+MIN_BUDGET_BYTES = 2**20
+_WHOLE_MODULES = ("embed_tokens", "wte", "embeddings", "embed_in", "lm_head", "embed_out")  # what the planner counts
+
+
+def check_targets(spec: ModelSpec, inputs: PlanInputs) -> None:
+    """LoRA targets that match no linear of the model would plan (and train) zero parameters: refuse them."""
+    from hf_ftkit.planner.activations import lora_targets
+
+    if inputs.is_peft and inputs.target_names() is not None and not lora_targets(spec, inputs):
+        known = ", ".join(sorted({g.name for g in spec.linears}))
+        raise BadInputError(f"--lora-targets {inputs.lora_targets} matches no linear layer of {spec.model_id} (it "
+                            f"has {known}); pass some of those or all-linear.")
+
+
+def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
+    """Settings that plan fine but cannot be what the user meant."""
+    found = []
+    linears = {g.name for g in spec.linears}
+    unknown = [m for m in inputs.modules_to_save if m not in linears and m not in _WHOLE_MODULES]
+    if inputs.is_peft and unknown:
+        found.append(f"--modules-to-save {','.join(unknown)} matches no module hf-ftkit knows in {spec.model_id} "
+                     f"(known: {', '.join(_WHOLE_MODULES)} and the linears); it adds nothing to this plan.")
+    if inputs.method == "full" and inputs.modules_to_save:
+        found.append("--modules-to-save has no effect with --method full, which trains every module.")
+    if inputs.world_size == 1 and inputs.shard in ("fsdp", "zero1", "zero2", "zero3") and inputs.offload == "none":
+        found.append(f"--shard {inputs.shard} on one GPU shards nothing: the plan is a single device's; add --gpus "
+                     "or --offload.")
+    return found
 
 
 def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:

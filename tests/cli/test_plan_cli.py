@@ -105,3 +105,36 @@ def test_exact_traces_a_local_config(capsys, tmp_path, tiny_llama_config):
     assert code == 0 and data["peak_phase"] == "traced" and data["allocated_peak_bytes"] > 0
     code, _, err = run(capsys, "plan", str(tmp_path), "--gpus", "2", "--exact")
     assert code == 2 and "--exact traces one device" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--method", "lora", "--lora-targets", "qproj"], "matches no linear layer"),
+        (["--budget", "0.0000001"], "less than any GPU has"),
+    ],
+)
+def test_plans_that_cannot_be_meant_are_refused(capsys, argv, needle):
+    code, _, err = run(capsys, "plan", "meta-llama/Llama-3.1-8B", *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--method", "full", "--lora-r", "8"], "--lora-r has no effect with --method full"),
+        (["--method", "lora", "--modules-to-save", "scorer"], "--modules-to-save scorer matches no module"),
+        (["--method", "full", "--shard", "zero3", "--gpus", "1"], "--shard zero3 on one GPU shards nothing"),
+    ],
+)
+def test_plans_that_are_probably_not_meant_warn_in_table_and_json(capsys, argv, needle):
+    code, _, err = run(capsys, "plan", "meta-llama/Llama-3.1-8B", *argv)
+    assert code == 0 and needle in err
+    code, out, _ = run(capsys, "plan", "meta-llama/Llama-3.1-8B", *argv, "--json")
+    assert any(needle in w for w in json.loads(out)["warnings"])
+
+
+def test_a_config_holding_only_model_type_is_refused(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    code, _, err = run(capsys, "plan", str(tmp_path))
+    assert code == 2 and "gives no model size" in err

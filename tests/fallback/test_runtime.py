@@ -125,6 +125,9 @@ def test_retries_are_bounded(tiny_model_dir, tmp_path, fail_forward):
     with pytest.raises(torch.OutOfMemoryError):
         train_with_fallback(_factory(tiny_model_dir, trainers), setup, tmp_path, max_fallbacks=1)
     assert len(trainers) == 2
+    summary = json.loads((tmp_path / "run_summary.json").read_text())  # written before the error ends the run
+    assert summary["completed"] is False and "out of memory" in summary["error"]
+    assert [e["after"]["method"] for e in summary["fallbacks"]] == ["lora"]
 
 
 def test_oom_detection_and_resume_rules():

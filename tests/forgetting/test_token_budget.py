@@ -49,3 +49,24 @@ def test_the_cli_reports_the_cut(tiny_model_dir, tmp_path, heldout_texts, capsys
                  str(tmp_path / "big.txt"), "--max-tokens", "256", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["tokens"] == 256 and report["truncated_documents"] == 1
+
+
+def test_a_measurement_stops_between_batches_when_cancelled(tiny_model_dir, tokenizer, heldout_texts):
+    from transformers import AutoModelForCausalLM
+
+    from hf_ftkit.forgetting.evaluator import ForgettingEvaluator
+    from hf_ftkit.forgetting.heldout import sample_documents
+    from hf_ftkit.forgetting.metrics import MeasurementCancelled
+
+    evaluator = ForgettingEvaluator(sample_documents(heldout_texts, max_bytes=20000), tokenizer, window=64,
+                                    max_tokens=2048, batch_tokens=256)
+    assert len(evaluator.encoded.batches) > 2
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 2  # a signal arrives while the second batch is scored
+
+    with pytest.raises(MeasurementCancelled):
+        evaluator.measure(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 0, baseline=True, cancel=cancel)
+    assert len(calls) == 3

@@ -251,3 +251,13 @@ def test_serving_command_is_quoted_and_a_hostile_base_name_refused(workspace, tm
     command = json.loads(capsys.readouterr().out)["serving"]["command"]
     words = shlex.split(command)
     assert words[2] == "meta-llama/Llama-3.1-8B" and f"tenant a={adapter}" in words
+
+
+def test_overwrite_never_replaces_home_even_one_hf_ftkit_wrote(workspace, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / MARKER).write_text("{}")  # even a home that looks like an hf-ftkit output
+    monkeypatch.setenv("HOME", str(home))
+    code, err = run_cli(["merge", str(workspace / "base"), str(workspace / "adapter"), "--out", str(home),
+                         "--overwrite", "--no-verify"], capsys)
+    assert code == 2 and "your home" in err and (home / MARKER).is_file()

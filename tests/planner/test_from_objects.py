@@ -64,3 +64,15 @@ def test_deepspeed_config_is_read(tmp_path):
                            optim="adamw_torch", bf16=True, fp16=False, deepspeed=ds, fsdp=None, world_size=8)
     inputs = inputs_from_training(args, seq_len=2048)
     assert (inputs.shard, inputs.offload, inputs.gpus) == ("zero3", "optimizer", 8)
+
+
+def test_a_dict_of_sft_fields_plans_a_gpu_run_on_a_cpu_only_machine(monkeypatch):
+    from peft import LoraConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # planning must not depend on local hardware
+    plan = plan_from_training("meta-llama/Llama-3.1-8B", {"per_device_train_batch_size": 4},
+                              LoraConfig(r=16, target_modules="all-linear"), budget="24GiB")
+    assert plan.inputs.precision == "bf16-mixed" and plan.inputs.gradient_checkpointing
+    assert plan.inputs.batch_size == 4 and plan.inputs.seq_len == 1024 and plan.inputs.method == "lora"
+    with pytest.raises(BadInputError, match="not valid SFTConfig fields"):
+        plan_from_training("meta-llama/Llama-3.1-8B", {"per_device_batch": 4})

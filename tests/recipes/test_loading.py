@@ -139,3 +139,15 @@ def test_recipe_that_does_not_fit_its_budget_exits_1_before_loading(tmp_path, ca
     assert main(["train", "--config", str(DEMO), "--budget", "1GiB", "--output_dir", str(tmp_path / "o")]) == 1
     captured = capsys.readouterr()
     assert "more than 1GiB" in captured.err and "Traceback" not in captured.err
+
+
+def test_demo_before_the_fetch_step_names_the_fetch_command(tmp_path, monkeypatch):
+    import shutil
+
+    from tests.recipes.conftest import DEMO
+
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "demo.yaml"
+    shutil.copy(DEMO, copy)
+    with pytest.raises(BadInputError, match=r"run `python scripts/fetch_smollm2.py` once"):
+        load_recipe(copy)

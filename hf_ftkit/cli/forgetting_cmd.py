@@ -11,7 +11,7 @@ from rich.table import Table
 
 EXAMPLES = """examples:
   hf-ftkit forgetting --base ./SmolLM2-135M-Instruct --model ./out/adapter --data ./heldout/ --json
-  hf-ftkit forgetting --base ./base --model ./merged --data wikitext:wikitext-2-raw-v1:test --max-tokens 65536
+  hf-ftkit forgetting --base ./base --model ./merged --data stdlib --max-tokens 65536 --window 2048
 exit codes: 0 measured, 2 bad input.
 """
 
@@ -34,7 +34,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", required=True, help="tuned model directory or PEFT adapter directory")
     p.add_argument("--data", required=True, help="file, directory, or dataset id[:config][:split]")
     p.add_argument("--max-tokens", type=_positive, default=32768, help="held-out tokens (default %(default)s)")
-    p.add_argument("--window", type=_positive, default=2048, help="rolling-window length (default %(default)s)")
+    p.add_argument("--window", type=_positive,
+                   help="rolling-window length in tokens (default: the model's maximum length, as lm-eval uses; "
+                        "capped when one window's logits would not fit in memory)")
     p.add_argument("--column", help="text column of a jsonl/parquet/dataset (default: detected)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model repository's own modelling code (only for authors you trust); never asked")
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(result, indent=2))
         return 0
     cut = f", the last cut to fit --max-tokens {args.max_tokens}" if result["truncated_documents"] else ""
-    table = Table(title=f"Forgetting on {result['documents']} held-out documents ({result['tokens']:,} tokens{cut})")
+    table = Table(title=f"Forgetting on {result['documents']} held-out documents ({result['tokens']:,} tokens{cut}, "
+                        f"window {result['window']})")
     for column in ("metric", "base", "tuned", "change"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for key in REPORTED:
@@ -61,4 +64,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
                       f"{result['delta_pct'][key]:+.2f}%")
     console.print(table)
     console.print(f"KL(base ‖ tuned) {result['kl']:.4g} nats/token; greedy agreement {result['top1_agreement']:.1%}")
+    if result.get("window_note"):
+        console.print(f"note: {result['window_note']}")
     return 0

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from hf_ftkit import _stop
 from hf_ftkit._files import write_text_atomic
 from hf_ftkit.errors import BadInputError, HfFtkitWarning
-from hf_ftkit.forgetting.evaluator import ForgettingEvaluator, Measurement
+from hf_ftkit.forgetting.evaluator import ForgettingEvaluator, Measurement, default_window
 from hf_ftkit.forgetting.heldout import load_texts, overlapping, sample_documents
 from hf_ftkit.forgetting.metrics import METRICS, BaseCache, MeasurementCancelled
 
@@ -46,7 +46,8 @@ class ForgettingCallback(TrainerCallback):
         every: ``"eval"`` or a number of steps.
         threshold: ``{metric: limit}``, e.g. ``{"bits_per_byte_delta_pct": 5}`` or ``{"kl": 0.1}``.
         action: ``"warn"`` (once) or ``"stop"`` (save a checkpoint and end training) when a limit is passed.
-        window: rolling-window length in tokens (see ``ForgettingEvaluator``).
+        window: rolling-window length in tokens; default: the model's maximum length, as lm-eval uses (capped
+            when one window's logits would not fit in memory).
         batch_tokens: tokens per forward pass.
         top_k: base tokens kept per position for full fine-tuning's KL.
 
@@ -59,7 +60,7 @@ class ForgettingCallback(TrainerCallback):
 
     def __init__(self, heldout: Any, *, max_tokens: int = 32768, every: int | Literal["eval"] = "eval",
                  threshold: dict[str, float] | None = None, action: Literal["warn", "stop"] = "warn",
-                 column: str | None = None, seed: int = 0, window: int = 2048, batch_tokens: int = 4096,
+                 column: str | None = None, seed: int = 0, window: int | None = None, batch_tokens: int = 4096,
                  top_k: int = 64, strict: bool = False, check_overlap: bool = True) -> None:
         unknown = [k for k in (threshold or {}) if k not in KNOWN_THRESHOLDS]
         if unknown:
@@ -83,6 +84,7 @@ class ForgettingCallback(TrainerCallback):
         self.crossed: dict[str, Any] | None = None
         self.seconds_measuring = 0.0
         self._handler: Any = None
+        self._window: int | None = window  # the window in use (the model's maximum when ``window`` is None)
         self._disabled = False
         self._warned = False
 
@@ -155,7 +157,12 @@ class ForgettingCallback(TrainerCallback):
                 "together; pass the model's own tokenizer."
             )
         documents = sample_documents(self.texts, max_bytes=self.max_tokens * BYTES_PER_TOKEN * 2, seed=self.seed)
-        self.evaluator = ForgettingEvaluator(documents, tokenizer, window=self.window, max_tokens=self.max_tokens,
+        self._window = self.window
+        if self._window is None:
+            self._window, note = default_window(model.config)
+            if note:
+                warnings.warn(f"ForgettingCallback: {note}.", HfFtkitWarning, stacklevel=3)
+        self.evaluator = ForgettingEvaluator(documents, tokenizer, window=self._window, max_tokens=self.max_tokens,
                                              batch_tokens=self.batch_tokens, top_k=self.top_k)
         if self.check_overlap and train_dataloader is not None:
             texts = _training_texts(getattr(train_dataloader, "dataset", None), tokenizer)
@@ -214,7 +221,8 @@ class ForgettingCallback(TrainerCallback):
         task_loss = _latest_loss(state.log_history)
         entry = {"step": measurement.step, "baseline": baseline, **measurement.flat(),
                  "tokens": measurement.tokens, "documents": measurement.documents,
-                 "truncated_documents": measurement.truncated_documents, "task_loss": task_loss}
+                 "truncated_documents": measurement.truncated_documents, "window": self._window,
+                 "task_loss": task_loss}
         self.history.append(entry)
         state.log_history.append({**values, "step": state.global_step})
         if self._handler is not None:  # through the Trainer's reporting callbacks, like Trainer.log does

@@ -52,6 +52,25 @@ class Measurement:
         return {**self.values, **self.deltas()}
 
 
+LM_EVAL_DEFAULT_WINDOW = 2048  # lm-eval's HFLM max_length when the model's config names none
+MAX_WINDOW_LOGIT_BYTES = 2 * 2**30  # one window's float32 logits stay under this; longer contexts are capped
+_LENGTH_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval's HFLM.max_length looks these up
+
+
+def default_window(config: Any) -> tuple[int, str | None]:
+    """The rolling window lm-eval would use for this model (its maximum length), and a note when it was capped
+    because one window's logits (tokens × vocabulary × 4 bytes) would pass ``MAX_WINDOW_LOGIT_BYTES``."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = next((int(v) for k in _LENGTH_KEYS if isinstance(v := getattr(text, k, None), int) and v > 0),
+                  LM_EVAL_DEFAULT_WINDOW)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    cap = max(256, MAX_WINDOW_LOGIT_BYTES // (4 * vocab)) if vocab else length
+    if length <= cap:
+        return length, None
+    return cap, (f"window capped at {cap} tokens (the model's maximum is {length}: one window's logits would need "
+                 f"{length * vocab * 4 / 2**30:.0f} GiB); pass window/--window to choose")
+
+
 def is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 

@@ -70,3 +70,33 @@ def test_a_measurement_stops_between_batches_when_cancelled(tiny_model_dir, toke
     with pytest.raises(MeasurementCancelled):
         evaluator.measure(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 0, baseline=True, cancel=cancel)
     assert len(calls) == 3
+
+
+def test_the_model_against_itself_loads_one_copy_and_runs_one_pass(tiny_model_dir, tmp_path, heldout_texts,
+                                                                     monkeypatch):
+    import hf_ftkit._models as models
+    from hf_ftkit.forgetting.compare import measure_forgetting
+    from hf_ftkit.forgetting.evaluator import ForgettingEvaluator
+
+    loads, passes = [], []
+    real_load, real_measure = models.load_causal_lm, ForgettingEvaluator.measure
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(ForgettingEvaluator, "measure",
+                        lambda self, *a, **k: passes.append(a) or real_measure(self, *a, **k))
+    report = measure_forgetting(tiny_model_dir, tiny_model_dir, heldout_texts, max_tokens=512)
+    assert len(loads) == 1 and len(passes) == 1
+    assert report["kl"] == 0 and report["delta_pct"]["bits_per_byte"] == 0
+    assert report["window"] == 512  # the tiny model's max_position_embeddings, as lm-eval would use
+
+
+def test_default_window_is_the_models_maximum_capped_by_logit_memory():
+    from transformers import AutoConfig
+
+    from hf_ftkit.forgetting.evaluator import MAX_WINDOW_LOGIT_BYTES, default_window
+
+    assert default_window(AutoConfig.for_model("gpt2")) == (1024, None)  # n_positions
+    assert default_window(AutoConfig.for_model("llama", max_position_embeddings=8192, vocab_size=49152)) == (8192,
+                                                                                                              None)
+    window, note = default_window(AutoConfig.for_model("llama", max_position_embeddings=131072, vocab_size=128256))
+    assert window * 128256 * 4 <= MAX_WINDOW_LOGIT_BYTES < (window + 1) * 128256 * 4
+    assert note is not None and "131072" in note

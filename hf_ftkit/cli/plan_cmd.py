@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if not (args.json or args.quiet):
         for message in result.warnings:
             print(f"warning: {message}", file=sys.stderr)
-    suggestions = suggest(spec, result)
+    suggestions = _with_auto_pick(spec, inputs, result, suggest(spec, result), args.budget)
     fit_rows = what_fits(spec, inputs, result.budget_bytes) if args.what_fits and result.budget_bytes else None
     if args.plot:
         _plot(spec, inputs, args, result)
@@ -156,6 +156,26 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.check and result.fits is False:
         return EXIT_DOES_NOT_FIT
     return 0
+
+
+def _with_auto_pick(spec: Any, inputs: PlanInputs, result: Any, suggestions: list[Any], budget: Any) -> list[Any]:
+    """Put what ``--method auto`` would choose first, when the plan does not fit and no row already says it."""
+    if result.fits is not False or not budget:
+        return suggestions
+    from hf_ftkit.errors import DoesNotFitError
+    from hf_ftkit.fallback.ladder import choose_setup
+    from hf_ftkit.planner.suggest import Suggestion
+
+    try:
+        setup = choose_setup(spec, budget, inputs)
+    except (BadInputError, DoesNotFitError):
+        return suggestions
+    changes = {k: v for k, v in setup.inputs.to_dict().items() if inputs.to_dict().get(k) != v}
+    if not setup.plan.fits or not changes or any(s.changes == changes for s in suggestions):
+        return suggestions
+    pick = Suggestion(f"what --method auto picks: {setup.name}", changes, setup.plan.peak_bytes,
+                      result.peak_bytes - setup.plan.peak_bytes, True)
+    return [pick, *suggestions]
 
 
 def _run_auto(args: argparse.Namespace, console: Console, spec: Any, inputs: PlanInputs) -> int:

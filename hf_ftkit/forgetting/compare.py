@@ -18,8 +18,9 @@ def measure_forgetting(base: str | Path, tuned: str | Path, data: Any, *, max_to
     """Held-out metrics of ``base`` and ``tuned`` (a model directory or a PEFT adapter directory), KL and
     greedy agreement between them. An adapter is compared with its base through ``disable_adapter()``; a
     full model with the base loaded beside it (exact KL). ``window`` defaults to lm-eval's choice, the model's
-    maximum length (capped when one window's logits would not fit in memory; the report says so). Custom modelling code never runs unless
-    ``trust_remote_code``; pickle-only checkpoints load only with ``allow_pickle``.
+    maximum length (capped when one window's logits would not fit in memory; the report says so). Custom
+    modelling code never runs unless ``trust_remote_code``; pickle-only checkpoints load only with
+    ``allow_pickle``.
 
     Example:
         >>> report = measure_forgetting("./SmolLM2-135M-Instruct", "./out/adapter", "docs/")

@@ -9,6 +9,8 @@ from hf_ftkit.planner.estimate import Plan, estimate
 from hf_ftkit.planner.inputs import METHODS, PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
+KEEP_FULL = 2  # suggestions that keep full fine-tuning, shown for a full fine-tune whatever adapters save
+
 
 @dataclass(frozen=True)
 class Suggestion:
@@ -32,6 +34,8 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
         out.append(("gradient checkpointing", {"gradient_checkpointing": True}))
     if inputs.method == "full":
         out.append(("LoRA", {"method": "lora"}))
+        if not inputs.gradient_checkpointing:
+            out.append(("LoRA + gradient checkpointing", {"method": "lora", "gradient_checkpointing": True}))
     if inputs.method in ("full", "lora", "dora"):
         out.append(("QLoRA", {"method": "qlora"}))
         out.append(("QLoRA + gradient checkpointing", {"method": "qlora", "gradient_checkpointing": True}))
@@ -52,6 +56,12 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
         out.append(("ZeRO-3 / FSDP full shard", {"shard": "zero3"}))
     if inputs.world_size > 1 and inputs.shard in ("zero2", "zero3", "fsdp") and inputs.offload == "none":
         out.append(("CPU offload of optimizer states", {"offload": "optimizer"}))
+    if inputs.world_size == 1 and inputs.method == "full" and inputs.offload == "none":
+        # DeepSpeed ZeRO-Offload: optimizer states and step on the CPU, full fine-tuning kept on one GPU
+        out.append(("CPU offload of optimizer states (ZeRO-Offload)", {"shard": "zero2", "offload": "optimizer"}))
+        if not inputs.gradient_checkpointing:
+            out.append(("ZeRO-Offload + gradient checkpointing",
+                        {"shard": "zero2", "offload": "optimizer", "gradient_checkpointing": True}))
     return out
 
 
@@ -69,7 +79,17 @@ def suggest(spec: ModelSpec, plan: Plan, limit: int = 6) -> list[Suggestion]:
         if saves > 0:
             result.append(Suggestion(label, changes, alt.peak_bytes, saves, alt.fits))
     result.sort(key=lambda s: (not s.fits, -s.saves_bytes))
-    return result[:limit]
+    chosen = result[:limit]
+    if plan.inputs.method != "full":
+        return chosen
+    # Ways that keep full fine-tuning (its quality ceiling) are shown even when adapters save more.
+    keeping = [s for s in result if "method" not in s.changes and s not in chosen][:KEEP_FULL]
+    kept_already = sum("method" not in s.changes for s in chosen)
+    extra = keeping[:max(0, KEEP_FULL - kept_already)]
+    if extra:
+        chosen = chosen[:limit - len(extra)] + extra
+        chosen.sort(key=lambda s: (not s.fits, -s.saves_bytes))
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -138,3 +138,17 @@ def test_a_config_holding_only_model_type_is_refused(capsys, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     code, _, err = run(capsys, "plan", str(tmp_path))
     assert code == 2 and "gives no model size" in err
+
+
+@pytest.mark.parametrize(("budget", "seq_len"), [("24GiB", "1024"), ("16GiB", "4096")])
+def test_suggestions_include_what_auto_picks_and_ways_to_keep_full_finetuning(capsys, budget, seq_len):
+    from hf_ftkit.fallback.ladder import choose_setup
+    from hf_ftkit.planner.inputs import PlanInputs
+
+    code, out, _ = run(capsys, "plan", "meta-llama/Llama-3.1-8B", "--budget", budget, "--seq-len", seq_len, "--json")
+    rows = json.loads(out)["suggestions"]
+    picked = choose_setup("meta-llama/Llama-3.1-8B", budget, PlanInputs(seq_len=int(seq_len)))
+    assert any(r["peak_bytes"] == picked.plan.peak_bytes and r["fits"] for r in rows)
+    keeping = [r for r in rows if "method" not in r["settings"]]
+    assert len(keeping) >= 2 and any("gradient_checkpointing" in r["settings"] for r in keeping)
+    assert any(r["settings"].get("offload") == "optimizer" for r in keeping)

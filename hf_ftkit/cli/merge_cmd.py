@@ -64,8 +64,9 @@ def add_parser(sub: Any) -> None:
                         "or into the original 16-bit W; both are reported against the 4-bit model")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="the QLoRA base's 4-bit type")
     p.add_argument("--double-quant", action="store_true", help="the QLoRA base used double quantization")
-    p.add_argument("--qlora-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="dtype the QLoRA base was loaded in before quantization")
+    p.add_argument("--qlora-dtype", choices=("bf16", "fp16", "fp32"),
+                   help="dtype the QLoRA base was loaded in before quantization (default: the base checkpoint's "
+                        "own dtype, as dtype='auto' loads it)")
     p.add_argument("--no-verify", action="store_true", help="skip running merged vs base + adapter")
     p.add_argument("--prompt", action="append", help="verification prompt (repeatable; default: three built-in)")
     p.add_argument("--tolerance", type=float, help="largest accepted max |Δlogit| (default depends on --dtype)")
@@ -98,7 +99,10 @@ def run_merge(args: argparse.Namespace, console: Console) -> int:
 
     qlora = None
     if args.qlora:
-        qlora = QloraTarget(args.qlora, args.quant_type, args.double_quant, to_torch(args.qlora_dtype))
+        from hf_ftkit.merge.run import stored_dtype
+
+        load_dtype = to_torch(args.qlora_dtype) if args.qlora_dtype else stored_dtype(args.base)
+        qlora = QloraTarget(args.qlora, args.quant_type, args.double_quant, load_dtype)
     with byte_progress("merging") as progress:
         result = merge_adapters(
             args.base, args.adapters, args.out, weights=args.weights, method=args.method, density=args.density,

@@ -128,6 +128,12 @@ def merge_adapters(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def stored_dtype(base: str | Path) -> torch.dtype:
+    """The floating dtype the base checkpoint is stored in (what ``dtype="auto"`` loads)."""
+    entries = base_entries(resolve_base_dir(base))
+    return next((e.dtype for e in entries.values() if e.dtype.is_floating_point), torch.float32)
+
+
 def _check_options(weights: list[float] | None, density: float | None, svd_rank: int | None,
                    tolerance: float | None, max_shard_bytes: int) -> None:
     if weights is not None and not all(math.isfinite(w) for w in weights):
@@ -227,6 +233,12 @@ def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Compositi
                 raise MergeVerificationError(
                     "the merged model's outputs are not finite (NaN or inf), so nothing was written; the base "
                     "holds non-finite weights or the merge overflowed --dtype: check the base, or merge in fp32.")
+            if not result.verification["passed"] and qlora is not None:
+                raise MergeVerificationError(
+                    f"the merged model differs from the 4-bit training model by {diff:.3g} (tolerance "
+                    f"{result.verification['tolerance']:.3g}), so nothing was written; pass the dtype the QLoRA "
+                    f"base was loaded in before quantization (--qlora-dtype, {_dtype_name(qlora.load_dtype)} was "
+                    "used), or raise --tolerance if this is expected rounding.")
             if not result.verification["passed"]:
                 raise MergeVerificationError(
                     f"the merged model differs from base + adapter by "
@@ -236,6 +248,10 @@ def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Compositi
                 )
     result.seconds = time.perf_counter() - options.started
     return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 def _copy_tokenizer(source: Path, destination: Path) -> None:

@@ -261,3 +261,16 @@ def test_overwrite_never_replaces_home_even_one_hf_ftkit_wrote(workspace, tmp_pa
     code, err = run_cli(["merge", str(workspace / "base"), str(workspace / "adapter"), "--out", str(home),
                          "--overwrite", "--no-verify"], capsys)
     assert code == 2 and "your home" in err and (home / MARKER).is_file()
+
+
+def test_qlora_merge_loads_the_base_in_its_stored_dtype_by_default(workspace, tmp_path, capsys):
+    from hf_ftkit.merge.run import stored_dtype
+
+    assert stored_dtype(workspace / "base") == torch.float32
+    code = main(["merge", str(workspace / "base"), str(workspace / "adapter"), "--qlora", "dequantized",
+                 "--out", str(tmp_path / "m"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["verification"]["passed"]
+    code, err = run_cli(["merge", str(workspace / "base"), str(workspace / "adapter"), "--qlora", "dequantized",
+                         "--qlora-dtype", "bf16", "--tolerance", "0", "--out", str(tmp_path / "n")], capsys)
+    assert code == 1 and "--qlora-dtype, bf16 was used" in err and not (tmp_path / "n").exists()

@@ -37,7 +37,8 @@ def _describe(plan: Plan) -> str:
         "GC on" if i.gradient_checkpointing else "GC off",
     ]
     if i.world_size > 1:
-        parts.append(f"{i.gpus}x{i.nodes} GPUs, {i.shard}" + (f", offload {i.offload}" if i.offload != "none" else ""))
+        count = f"{i.nodes} nodes x {i.gpus} GPUs" if i.nodes > 1 else f"{i.gpus} GPUs"  # as recipes: nodes first
+        parts.append(f"{count}, {i.shard}" + (f", offload {i.offload}" if i.offload != "none" else ""))
     return " · ".join(parts)
 
 

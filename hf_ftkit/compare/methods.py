@@ -2,7 +2,8 @@
 
 Memory and GPU counts come from the planner; time and cost from FLOPs per token at a stated utilisation;
 sizes from the parameter counts. Every number carries its basis: ``planned`` (from the model's
-architecture through the planner), ``estimated`` (a formula with stated assumptions) or ``measured``.
+architecture through the planner), ``estimated`` (a formula with stated assumptions), ``literature`` (the
+published qualitative reading) or ``measured``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hf_ftkit.planner.spec import ModelSpec
 from hf_ftkit.planner.states import model_states
 
 Checkpointing = Literal["auto", "on", "off"]
-Basis = Literal["planned", "estimated", "measured"]
+Basis = Literal["planned", "estimated", "literature", "measured"]
 MULTI_GPU_SHARDS = ("fsdp", "zero3")
 ARTIFACT_BYTES_PER_PARAM = 2  # full weights saved in bf16
 ADAPTER_BYTES_PER_PARAM = 4  # PEFT keeps (and saves) adapters in fp32 by default
@@ -206,7 +207,7 @@ def _row(spec: ModelSpec, inputs: PlanInputs, gpu: dict[str, Any], tokens: int, 
     basis: dict[str, Basis] = {"trainable_params": "planned", "peak_bytes_per_gpu": "planned", "min_gpus": "planned",
                                "flops_per_token": "estimated", "hours": "estimated", "cost": "estimated",
                                "artifact_bytes": "estimated", "checkpoint_bytes": "estimated",
-                               "forgetting_risk": "measured" if forgetting else "estimated"}
+                               "forgetting_risk": "measured" if forgetting else "literature"}
     risk = facts["forgetting_risk"]
     if forgetting:
         risk = f"measured: {forgetting['bits_per_byte_delta_pct']:+.2f}% bits/byte"

@@ -164,6 +164,7 @@ def atomic_directory(target: Path, *, overwrite: bool = False, inputs: Sequence[
     try:
         yield partial
         (partial / MARKER).write_text(marker)
+        _respect_umask(partial)
         _commit(partial, target, existed, overwrite, inputs)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
@@ -176,6 +177,15 @@ def atomic_directory(target: Path, *, overwrite: bool = False, inputs: Sequence[
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _respect_umask(folder: Path) -> None:
+    """Files as the user's umask makes them (some writers, safetensors among them, create 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def _commit(partial: Path, target: Path, existed: bool, overwrite: bool, inputs: Sequence[str | Path]) -> None:

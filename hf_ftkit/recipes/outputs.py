@@ -24,6 +24,8 @@ def write_outputs(run: Any, status: str, fallbacks: list[Any]) -> dict[str, Any]
     summary: dict[str, Any] = {}
     if not trainer.is_world_process_zero():
         return summary
+    if status == "completed":
+        _name_base_as_the_recipe_does(recipe, out)
     merged = _merge(run) if status == "completed" and recipe.ftkit.merge else None
     summary = _summary(run, status, fallbacks, merged)
     _write_recipe(run, out / "recipe.yaml")
@@ -33,6 +35,18 @@ def write_outputs(run: Any, status: str, fallbacks: list[Any]) -> dict[str, Any]
 
         write_text_atomic(out / "README.md", model_card(recipe, summary))
     return summary
+
+
+def _name_base_as_the_recipe_does(recipe: Any, out: Path) -> None:
+    """The adapter names its base as the recipe and the model card do (a hub id or the recipe's own path),
+    not the absolute local path it was loaded from, which means nothing on another machine."""
+    config_file = out / "adapter_config.json"
+    named = recipe.values.get("model_name_or_path")
+    if not config_file.is_file() or not named:
+        return
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(named)
+    write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _merge(run: Any) -> dict[str, Any]:

@@ -157,6 +157,10 @@ class _Run:
         self.setup = setup
         args = copy.deepcopy(r.training)
         args.output_dir = str(folder)
+        from hf_ftkit._progress import progress_enabled
+
+        if not progress_enabled():
+            args.disable_tqdm = True  # no bar redrawn into a redirected log (the logged lines stay)
         if setup is not self.planned.setup or r.ftkit.method == "auto":
             _apply(args, setup)
         m = r.model

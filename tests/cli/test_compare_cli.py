@@ -23,7 +23,8 @@ def test_json_has_every_method_and_column(capsys):
             assert key in row
         assert row["peak_bytes_per_gpu"] <= data["gpu"]["memory_bytes"]
         assert row["cost"] == pytest.approx(row["gpu_hours"] * 2)
-        assert set(row["basis"].values()) <= {"planned", "estimated", "measured"}
+        assert set(row["basis"].values()) <= {"planned", "estimated", "literature", "measured"}
+        assert row["basis"]["forgetting_risk"] == "literature"  # as the table labels it
     assert data["assumptions"]
 
 

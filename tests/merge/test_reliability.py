@@ -274,3 +274,15 @@ def test_qlora_merge_loads_the_base_in_its_stored_dtype_by_default(workspace, tm
     code, err = run_cli(["merge", str(workspace / "base"), str(workspace / "adapter"), "--qlora", "dequantized",
                          "--qlora-dtype", "bf16", "--tolerance", "0", "--out", str(tmp_path / "n")], capsys)
     assert code == 1 and "--qlora-dtype, bf16 was used" in err and not (tmp_path / "n").exists()
+
+
+def test_written_files_follow_the_umask(workspace, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        merge_adapters(workspace / "base", [workspace / "adapter"], tmp_path / "m", verify=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}

@@ -17,8 +17,9 @@ SUMMARY_KEYS = {"status", "global_step", "versions", "plan", "chosen_setup", "fa
                 "forgetting", "merged", "timings", "final", "resumed_from"}
 
 
-def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_dir):
-    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tiny_model_dir), forgetting_data="stdlib",
+def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)  # the recipe names the model by a relative path
+    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=tiny_model_dir.name, forgetting_data="stdlib",
                         forgetting_max_tokens=1024, merge=True, merge_dtype="fp32")
     assert main(["train", "--config", str(path)]) == 0
     out = tmp_path / "out"
@@ -34,6 +35,9 @@ def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_
     assert load_recipe(out / "recipe.yaml").training.max_steps == 6  # the resolved recipe reruns as it is
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "library_name: peft" in card and "hf-ftkit" in card
+    # the adapter names its base as the recipe and the card do
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model_dir.name
+    assert f"base_model: {tiny_model_dir.name}" in card
 
 
 @pytest.mark.slow

@@ -124,7 +124,9 @@ def comparison_rows(result: Comparison) -> tuple[list[str], list[tuple[str, list
         (f"peak per GPU (of {memory})",
          [format_bytes(r.placement.plan.peak_bytes) if r.placement else "-" for r in rows], "planned"),
         ("FLOPs per token", [f"{r.flops.total / 1e9:,.1f} G" for r in rows], "estimated"),
-        ("training time", [_hours(r.hours) for r in rows], "estimated"),
+        ("training time", [_hours(r.hours) + (f" ({_hours(r.hours_range[0])}-{_hours(r.hours_range[1])})"
+                                               if r.hours_range else "") for r in rows],
+         "estimated; DoRA/QLoRA x published slowdown vs LoRA"),
         ("GPU-hours", [f"{r.gpu_hours:,.1f}" if r.gpu_hours is not None else "-" for r in rows], "estimated"),
         ("cost" if price is not None else "cost (needs --price-per-gpu-hour)",
          [f"{r.cost:,.0f}" if r.cost is not None else "-" for r in rows], "estimated"),

@@ -64,6 +64,8 @@ class MethodRow:
     forgetting_risk: str
     forgetting: dict[str, Any] | None = None
     basis: dict[str, Basis] = field(default_factory=dict)
+    hours_range: tuple[float, float] | None = None  # where published slowdowns of the method disagree
+    throughput: dict[str, Any] | None = None  # the published factor vs LoRA that the time includes
 
     @property
     def trainable_pct(self) -> float:
@@ -83,6 +85,8 @@ class MethodRow:
             "flops_per_token": self.flops.total,
             "flops_breakdown": {k: getattr(self.flops, k) for k in self.flops.__dataclass_fields__},
             "hours": self.hours,
+            "hours_range": list(self.hours_range) if self.hours_range else None,
+            "throughput_vs_lora": self.throughput,
             "gpu_hours": self.gpu_hours,
             "cost": self.cost,
             "artifact_bytes": self.artifact_bytes,
@@ -192,9 +196,16 @@ def _row(spec: ModelSpec, inputs: PlanInputs, gpu: dict[str, Any], tokens: int, 
     facts = load("methods")["methods"][inputs.method]
     timed = inputs.replace(gradient_checkpointing=placement.gradient_checkpointing) if placement else inputs
     flops = flops_per_token(spec, timed)
-    hours = gpu_hours = cost = None
+    hours = gpu_hours = cost = hours_range = None
+    throughput = slowdown(inputs.method)
     if placement is not None:
-        hours = tokens * flops.total / (placement.gpus * gpu["bf16_tflops"] * 1e12 * utilization) / 3600
+        # DoRA and QLoRA: LoRA's FLOPs time times their published slowdown (their extra work is mostly
+        # memory-bound: weight norms, 4-bit dequantization), so FLOPs alone would call them as fast as LoRA
+        timed_flops = flops.total if throughput is None else flops_per_token(spec, timed.replace(method="lora")).total
+        base_hours = tokens * timed_flops / (placement.gpus * gpu["bf16_tflops"] * 1e12 * utilization) / 3600
+        hours = base_hours * (throughput["factor"] if throughput else 1.0)
+        if throughput:
+            hours_range = (base_hours * throughput["range"][0], base_hours * throughput["range"][1])
         gpu_hours = hours * placement.gpus
         cost = gpu_hours * price if price is not None else None
     states = model_states(spec, timed)
@@ -217,8 +228,21 @@ def _row(spec: ModelSpec, inputs: PlanInputs, gpu: dict[str, Any], tokens: int, 
         method=inputs.method, trainable_params=states.trainable_params, total_params=spec.params_total,
         placement=placement, flops=flops, hours=hours, gpu_hours=gpu_hours, cost=cost, artifact_bytes=int(artifact),
         checkpoint_bytes=int(checkpoint), deployment=facts["deployment"], composability=facts["composability"],
-        forgetting_risk=risk, forgetting=forgetting, basis=basis,
+        forgetting_risk=risk, forgetting=forgetting, basis=basis, hours_range=hours_range, throughput=throughput,
     )
+
+
+def slowdown(method: str) -> dict[str, Any] | None:
+    """The published training-time factor of ``method`` vs LoRA (``data/throughput.json``): the median as
+    ``factor``, the smallest and largest as ``range``, and the sources; None for full FT and LoRA."""
+    import statistics
+
+    entries = load("throughput")["methods"].get(method)
+    if not entries:
+        return None
+    factors = [float(e["factor"]) for e in entries]
+    return {"factor": statistics.median(factors), "range": [min(factors), max(factors)],
+            "sources": [{k: e[k] for k in ("factor", "model", "gpu", "figures", "source")} for e in entries]}
 
 
 def _assumptions(inputs: PlanInputs, gpu: dict[str, Any], utilization: float, checkpointing: Checkpointing,
@@ -232,8 +256,9 @@ def _assumptions(inputs: PlanInputs, gpu: dict[str, Any], utilization: float, ch
         f"time (estimated): training FLOPs per token x tokens / (GPUs x {gpu['bf16_tflops']:g} TFLOP/s bf16 peak "
         f"x {utilization:.0%} utilisation), scaling linearly with GPUs. Full FT = 6 x matmul params + attention; "
         "frozen-base methods skip the base's weight gradients (4 x) and add 6 x adapter params; recompute adds "
-        "a forward. QLoRA's dequantization is counted as FLOPs, but bitsandbytes' 4-bit kernels are "
-        "memory-bound and usually run slower than this.",
+        "a forward. DoRA and QLoRA: LoRA's time x their published slowdown vs LoRA (median, range in brackets: "
+        "DoRA 1.24-1.56x from PEFT's MetaMathQA results, QLoRA 1.08-2.05x from LitGPT's config tables; larger "
+        "at small micro-batches); sources in --json `throughput_vs_lora`.",
         "cost (estimated): GPU-hours x the given price per GPU-hour.",
         "size on disk (estimated): full weights in bf16; adapters in fp32 (PEFT's default); a resumable "
         "checkpoint adds the optimizer states.",

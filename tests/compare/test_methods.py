@@ -46,11 +46,16 @@ def test_memory_and_gpu_count_are_the_planners(table70b, method):
 
 
 def test_time_and_cost_follow_the_flops(table70b):
+    from hf_ftkit.compare.methods import slowdown
+
     for row in table70b.rows.values():
         p = row.placement
         expected = flops_per_token(table70b.model, p.plan.inputs)
         assert row.flops.total == pytest.approx(expected.total, rel=1e-12)
-        hours = 50_000_000 * expected.total / (p.gpus * 989.4e12 * 0.4) / 3600
+        published = slowdown(row.method)  # DoRA/QLoRA: LoRA's FLOPs x their measured slowdown
+        timed = expected if published is None else flops_per_token(table70b.model,
+                                                                    p.plan.inputs.replace(method="lora"))
+        hours = 50_000_000 * timed.total / (p.gpus * 989.4e12 * 0.4) / 3600 * (published or {"factor": 1})["factor"]
         assert row.hours == pytest.approx(hours, rel=1e-12)
         assert row.cost == pytest.approx(hours * p.gpus * 2.5, rel=1e-12)
 
@@ -109,3 +114,35 @@ def test_measured_forgetting_replaces_the_qualitative_risk(tmp_path):
 def test_bad_input_is_one_sentence(kwargs, words):
     with pytest.raises(BadInputError, match=words.replace("(", r"\(")):
         compare_methods("meta-llama/Llama-3.1-8B", **{"tokens": 10**6, **kwargs})
+
+
+def test_published_slowdowns_match_the_figures_they_cite():
+    import re
+
+    from hf_ftkit._data import load
+
+    for method, entries in load("throughput")["methods"].items():
+        assert entries, method
+        for entry in entries:
+            numbers = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?) (?:s|min)\b", entry["figures"])]
+            assert len(numbers) == 2, entry["figures"]
+            assert entry["factor"] == pytest.approx(numbers[0] / numbers[1], abs=0.005), entry
+            assert entry["source"] and entry["gpu"] and entry["model"]
+
+
+def test_dora_and_qlora_time_is_loras_times_their_published_slowdown():
+    from hf_ftkit.compare.methods import slowdown
+
+    result = compare_methods("meta-llama/Llama-3.1-8B", gpu="rtx4090", tokens=50 * 10**6)
+    lora = result.rows["lora"]
+    for method in ("dora", "qlora"):
+        row, factor = result.rows[method], slowdown(method)
+        assert factor is not None and 1 < factor["range"][0] <= factor["factor"] <= factor["range"][1]
+        same_gpus = row.placement.gpus == lora.placement.gpus and (row.placement.gradient_checkpointing
+                                                                    == lora.placement.gradient_checkpointing)
+        if same_gpus:  # then LoRA's FLOPs time is the base the factor multiplies
+            assert row.hours == pytest.approx(lora.hours * factor["factor"], rel=1e-9)
+        low, high = row.hours_range
+        assert low < row.hours < high and row.hours > lora.hours
+        assert row.to_dict()["throughput_vs_lora"]["sources"]
+    assert result.rows["lora"].hours_range is None and result.rows["full"].to_dict()["throughput_vs_lora"] is None

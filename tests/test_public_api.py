@@ -35,3 +35,17 @@ def test_planning_and_comparing_do_not_import_torch(call):
     code = f"import sys, hf_ftkit; {call}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "meta-llama/Llama-3.1-405B", "--json"],
+    ["compare", "meta-llama/Llama-3.1-8B", "--json"],
+    ["plan", "--list-models"],
+    ["--help"],
+    ["merge", "--help"],
+])
+def test_cli_plan_compare_and_help_import_no_torch_transformers_or_peft(argv):
+    code = ("import sys; from hf_ftkit.cli.main import main; main(sys.argv[1:]); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-500:]

@@ -41,7 +41,7 @@ def _size(text: str) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from hf_ftkit.merge.compose import METHODS
+    from hf_ftkit.merge.methods import METHODS
 
     p = sub.add_parser(
         "merge", help="Compose LoRA adapters and merge them into the base (in memory or streaming).",

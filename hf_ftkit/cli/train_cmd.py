@@ -55,6 +55,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.json:
             print(json.dumps(planned.to_dict(), indent=2))
         return EXIT_DOES_NOT_FIT if planned.fits is False and not recipe.ftkit.fallback else 0
+    if not args.json:
+        console.print(_before_step_0(recipe))
     result = train(recipe, overwrite=args.overwrite, resume=args.resume, planned=planned)
     if args.json:
         print(json.dumps(result.summary, indent=2, default=str))
@@ -65,8 +67,26 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if result.summary and not args.json:
         final = result.summary["final"]
         console.print(f"[green]done[/]: {result.global_step} steps, loss {final['first_logged_loss']} -> "
-                      f"{final['last_logged_loss']}; outputs in {result.output_dir}")
+                      f"{final['last_logged_loss']}{_forgetting_note(result.summary)}; outputs in {result.output_dir}")
     return 0
+
+
+def _before_step_0(recipe: Any) -> str:
+    """What happens before the first training step, so a bar sitting at 0% is not a mystery."""
+    f = recipe.ftkit
+    steps = [f"load {recipe.model.model_name_or_path}", f"tokenize {recipe.script.dataset_name}"]
+    if f.forgetting_data:
+        steps.append(f"measure the forgetting baseline on {f.forgetting_max_tokens:,} held-out tokens "
+                     f"({f.forgetting_data})")
+    return "before step 0: " + ", ".join(steps) + "."
+
+
+def _forgetting_note(summary: dict[str, Any]) -> str:
+    final = (summary.get("forgetting") or {}).get("final") or {}
+    change, kl = final.get("bits_per_byte_delta_pct"), final.get("kl")
+    if change is None:
+        return ""
+    return f", held-out bits per byte {change:+.1f}%" + (f" (KL {kl:.3g})" if kl is not None else "")
 
 
 def _print_plan(console: Console, planned: Any) -> None:

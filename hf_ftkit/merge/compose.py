@@ -20,22 +20,8 @@ import torch
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.merge.adapters import PREFIX, Adapter, LoraModule, read_adapter
 from hf_ftkit.merge.inspect import SAME_RANK_METHODS, compatibility
+from hf_ftkit.merge.methods import METHODS  # kept in a torch-free module: the CLI parser reads it
 
-# Our method name -> (PEFT combination_type, exact?). Data, not branches.
-METHODS: dict[str, tuple[str, bool]] = {
-    "exact": ("cat", True),
-    "cat": ("cat", True),
-    "linear": ("linear", False),
-    "svd": ("svd", False),
-    "ties": ("ties", False),
-    "ties_svd": ("ties_svd", False),
-    "dare_linear": ("dare_linear", False),
-    "dare_linear_svd": ("dare_linear_svd", False),
-    "dare_ties": ("dare_ties", False),
-    "dare_ties_svd": ("dare_ties_svd", False),
-    "magnitude_prune": ("magnitude_prune", False),
-    "magnitude_prune_svd": ("magnitude_prune_svd", False),
-}
 NEEDS_DENSITY = ("ties", "dare", "magnitude_prune")
 
 

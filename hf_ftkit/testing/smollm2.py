@@ -45,6 +45,12 @@ def _convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise HfFtkitError("reading the GGUF file needs the gguf package, a dependency of hf-ftkit: reinstall "
+                           "with `pip install -e .` (or `pip install gguf`).") from None
+
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict, and drop

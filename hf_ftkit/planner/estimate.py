@@ -167,6 +167,20 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     }
 
 
+def accumulated_gradients(full: float, per_device: float, inputs: PlanInputs) -> float:
+    """Gradients of earlier micro-batches, alive through the forward and backward of the next ones when
+    ``gradient_accumulation_steps`` > 1 (one micro-batch: none exist yet when the forward runs).
+
+    DDP and FSDP under the Trainer's default (``no_sync`` on every micro-batch but the last, accelerate's
+    ``sync_each_batch=False``) keep them unsharded: FSDP's ``no_sync`` accumulates unsharded gradients, as its
+    documentation warns; DeepSpeed ZeRO accumulates into its gradient partition."""
+    if inputs.gradient_accumulation_steps <= 1:
+        return 0.0
+    if inputs.shard in ("ddp", "fsdp") and inputs.offload == "none":
+        return full
+    return per_device
+
+
 def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
     """The embedding backward builds a dense vocabulary x hidden gradient before accumulating it."""
     if not spec.tie_embeddings:
@@ -186,10 +200,12 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
 
     # Candidate peaks: end of forward, start of backward, late backward (grads built up), optimizer step.
     fwd_transient = phases["forward_cache"]
+    carried = accumulated_gradients(states.gradients, sh.gradients, inputs)
     candidates = {
-        "forward": (0.0, phases["forward"], fwd_transient + sh.gathered),
-        "backward": (0.0, phases["backward"], phases["backward_cache"] + sh.gathered),
-        "backward_late": (sh.gradients, phases["layer"], sh.gathered + _embedding_grad_temp(spec, inputs)),
+        "forward": (carried, phases["forward"], fwd_transient + sh.gathered),
+        "backward": (carried, phases["backward"], phases["backward_cache"] + sh.gathered),
+        "backward_late": (max(sh.gradients, carried), phases["layer"],
+                          sh.gathered + _embedding_grad_temp(spec, inputs)),
         "optimizer": (sh.gradients, 0.0, sh.optimizer_step_temp),
     }
     phase, (grads, acts, transient) = max(candidates.items(), key=lambda kv: sum(kv[1]))

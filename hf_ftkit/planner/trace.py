@@ -253,10 +253,12 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
         tracker.track_external(model, optimizer)
         with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
             for _ in range(steps):
-                ids = torch.zeros((inputs.batch_size, inputs.seq_len), dtype=torch.long)
-                with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
-                    loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
+                for _micro in range(inputs.gradient_accumulation_steps):  # earlier micro-batches' grads stay
+                    ids = torch.zeros((inputs.batch_size, inputs.seq_len), dtype=torch.long)
+                    with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
+                        loss = model(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    tracker.reset_mod_stats()  # per-module stats only; the device peak is kept
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 tracker.reset_mod_stats()

@@ -22,6 +22,8 @@ TOLERANCE = 0.08  # the planner's accuracy target
         {"method": "qlora"},
         {"method": "dora"},
         {"method": "lora", "optim": "paged_adamw_8bit"},
+        {"method": "full", "gradient_accumulation_steps": 2},
+        {"method": "full", "gradient_accumulation_steps": 4, "gradient_checkpointing": True},
     ],
 )
 def test_analytic_plan_is_within_target_of_the_trace(tiny_llama_config, tiny_llama_spec, changes):
@@ -29,6 +31,19 @@ def test_analytic_plan_is_within_target_of_the_trace(tiny_llama_config, tiny_lla
     traced = trace_step(config_from_dict(dict(tiny_llama_config)), inputs)
     planned = estimate(tiny_llama_spec, inputs).allocated_peak_bytes
     assert planned == pytest.approx(traced.peak_bytes, rel=TOLERANCE)
+
+
+def test_gradient_accumulation_keeps_a_weight_sized_gradient_through_the_next_forward(tiny_llama_config,
+                                                                                      tiny_llama_spec):
+    config = config_from_dict(dict(tiny_llama_config))
+    one = PlanInputs(method="full", seq_len=256, gradient_checkpointing=True)
+    two = one.replace(gradient_accumulation_steps=2)
+    traced_growth = trace_step(config, two).peak_bytes - trace_step(config, one).peak_bytes
+    planned = {n: estimate(tiny_llama_spec, i).allocated_peak_bytes for n, i in (("one", one), ("two", two))}
+    planned_growth = planned["two"] - planned["one"]
+    grads = estimate(tiny_llama_spec, one.replace(batch_size=1)).trainable_params * 4  # fp32 gradients
+    assert traced_growth > 0.5 * grads  # the trace itself says: a weight-sized term
+    assert planned_growth == pytest.approx(traced_growth, rel=0.25)
 
 
 def test_trace_sees_4bit_weights_and_frozen_base(tiny_llama_config):

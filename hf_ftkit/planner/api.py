@@ -6,8 +6,9 @@ import warnings
 from typing import Any
 
 from hf_ftkit.errors import BadInputError, HfFtkitWarning
+from hf_ftkit.planner import layer_trace
 from hf_ftkit.planner.budget import parse_budget
-from hf_ftkit.planner.estimate import Plan, estimate
+from hf_ftkit.planner.estimate import Plan, estimate, with_extra_activations
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
@@ -66,6 +67,28 @@ def plan(
         warnings.warn(message, HfFtkitWarning, stacklevel=2)
     if exact:
         result = _exact_plan(spec, result)
+    elif not layer_trace.validated(spec.model_type):
+        result = _traced_layers(spec, inputs, result)
+    return result
+
+
+def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan) -> Plan:
+    """For an architecture the formulas were not validated on: the traced per-layer memory, when it is more
+    than the formulas give (leaning to over-predicting), and a warning either way."""
+    traced = layer_trace.traced_allocated_peak(spec, inputs)
+    if traced is None:
+        message = (f"{spec.model_type} is not among the architectures whose memory formulas were validated against "
+                   "traces, and tracing it failed here (needs torch and transformers): the plan may be low; "
+                   "check it with --exact.")
+    else:
+        single = estimate(spec, inputs.replace(gpus=1, nodes=1, shard="none", offload="none"))
+        extra = max(0, traced - single.allocated_peak_bytes)
+        result = with_extra_activations(result, extra)
+        message = (f"{spec.model_type} is not among the architectures whose memory formulas were validated against "
+                   f"traces: its per-layer memory was traced with 1 and 2 decoder layers instead "
+                   f"(+{extra / 2**20:,.0f} MiB over the formulas).")
+    result.warnings.append(message)
+    warnings.warn(message, HfFtkitWarning, stacklevel=3)
     return result
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hf_ftkit._data import load
@@ -134,6 +134,17 @@ def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _S
     if inputs.offload == "params":
         w, q = 0.0, 0.0
     return _Sharded(w, a, q, g, s, temp, buffers, gathered)
+
+
+def with_extra_activations(plan: Plan, extra: int) -> Plan:
+    """``plan`` with ``extra`` bytes of activations (allocated), the allocator allowance following them."""
+    if extra <= 0:
+        return plan
+    breakdown = dict(plan.breakdown)
+    breakdown["activations"] += extra
+    allocated = plan.allocated_peak_bytes + extra
+    breakdown["fragmentation"] = int(round(load("constants")["fragmentation_fraction"] * allocated))
+    return replace(plan, breakdown=breakdown, allocated_peak_bytes=allocated, peak_bytes=sum(breakdown.values()))
 
 
 def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""Generality: the analytic formulas hold (within 8% of a full trace) for every architecture listed as validated,
+and any other architecture is planned from traces of its own layers, within 2% of a full trace, with a warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from hf_ftkit._data import load
+from hf_ftkit.errors import HfFtkitWarning
+from hf_ftkit.planner.api import plan
+from hf_ftkit.planner.estimate import estimate
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.structure import config_from_dict, spec_from_config
+from hf_ftkit.planner.trace import trace_step
+
+DENSE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=4096)
+TINY = {  # one small config per model_type, with that architecture's own defaults for everything else
+    "llama": DENSE, "mistral": DENSE, "qwen2": DENSE,
+    "qwen3": {**DENSE, "num_attention_heads": 4, "head_dim": 64},
+    "gemma2": {**DENSE, "num_attention_heads": 4, "head_dim": 64},
+    "gemma3_text": {**DENSE, "num_attention_heads": 4, "head_dim": 64},
+    "phi3": {**DENSE, "num_key_value_heads": 8, "pad_token_id": 0},
+    "olmo2": {**DENSE, "num_key_value_heads": 8},
+    "phi": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8, vocab_size=4096),
+    "gpt_neox": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                     vocab_size=4096),
+    "qwen3_moe": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096, num_experts=8,
+                      num_experts_per_tok=2),
+    "mixtral": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=4096, num_local_experts=4, num_experts_per_tok=2),
+    # not validated: planned from traced layers
+    "gpt2": dict(n_embd=256, n_layer=4, n_head=8, vocab_size=4096, n_positions=1024, bos_token_id=0, eos_token_id=0),
+    "falcon": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, vocab_size=4096,
+                   new_decoder_architecture=False, multi_query=True, parallel_attn=True, bos_token_id=0,
+                   eos_token_id=0),
+}
+CASES = [{"method": "full"}, {"method": "lora"}, {"method": "lora", "precision": "bf16", "seq_len": 1024}]
+VALIDATED = load("validated_architectures")["model_types"]
+
+
+def config(model_type: str) -> dict:
+    return {"model_type": model_type, **TINY[model_type]}
+
+
+def test_every_validated_type_has_a_tiny_config():
+    assert set(VALIDATED) <= set(TINY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", VALIDATED)
+def test_formulas_of_validated_architectures_are_within_8_percent_of_a_trace(model_type):
+    spec = spec_from_config(config(model_type), model_type)
+    moe = bool(spec.num_experts)
+    for changes in CASES[:1] if moe else CASES:  # PEFT refuses LoRA with dropout on expert parameters
+        inputs = PlanInputs(**{"seq_len": 256, **changes})
+        traced = trace_step(config_from_dict(config(model_type)), inputs).peak_bytes
+        assert estimate(spec, inputs).allocated_peak_bytes == pytest.approx(traced, rel=0.08), changes
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon"])
+@pytest.mark.parametrize("changes", CASES + [{"method": "full", "gradient_checkpointing": True}])
+def test_other_architectures_are_planned_from_their_traced_layers(model_type, changes, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
+    assert model_type not in VALIDATED
+    spec = spec_from_config(config(model_type), model_type)
+    inputs = PlanInputs(**{"seq_len": 256, **changes})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HfFtkitWarning)
+        planned = plan(spec, inputs)
+    traced = trace_step(config_from_dict(config(model_type)), inputs).peak_bytes  # the whole 4-layer model
+    assert planned.allocated_peak_bytes == pytest.approx(traced, rel=0.02)
+    assert any("not among the architectures" in w for w in planned.warnings)
+    assert any(issubclass(w.category, HfFtkitWarning) for w in caught)
+    assert list((tmp_path / "layer_traces").glob("*.json"))  # cached for the next plan
+
+
+def test_the_warning_reaches_the_json(tmp_path, capsys, monkeypatch):
+    import json
+
+    from hf_ftkit.cli.main import main
+
+    monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "config.json").write_text(json.dumps(config("gpt2")))
+    assert main(["plan", str(tmp_path), "--method", "lora", "--seq-len", "128", "--json"]) == 0
+    assert any("traced with 1 and 2 decoder layers" in w for w in json.loads(capsys.readouterr().out)["warnings"])

@@ -29,8 +29,10 @@ class MemoryBudgetCallback(TrainerCallback):
 
     Logs ``memory/peak_gib``, ``memory/planned_gib`` and ``memory/plan_error_pct`` (plus
     ``memory/peak_max_gib`` across ranks when distributed) at every logging step, so TensorBoard
-    and W&B show them with no extra code. Reads the device's allocator statistics only, once per
-    logging step: no synchronisation is added to training steps.
+    and W&B show them with no extra code. Training on the CPU, the process's peak RSS is logged as
+    ``memory/cpu_peak_rss_gib`` instead, with no error against the plan: the plan is of GPU memory
+    (allocated bytes), which an RSS (libraries, the Python heap, the dataset) does not measure. Reads the
+    device's allocator statistics only, once per logging step: no synchronisation is added to training steps.
 
     Args:
         budget: per-device budget (``"24GiB"``, a GPU name, ``"auto"``, bytes); optional.
@@ -85,17 +87,19 @@ class MemoryBudgetCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                **kwargs: Any) -> None:
-        peak, _source = measured_peak_bytes()
-        values = {"memory/peak_gib": round(peak / GIB, 4)}
+        peak, source = measured_peak_bytes()
+        on_cpu = source == "cpu_peak_rss"
+        values = {"memory/cpu_peak_rss_gib" if on_cpu else "memory/peak_gib": round(peak / GIB, 4)}
         maximum = _max_over_ranks(peak)
         if maximum is not None:
-            values["memory/peak_max_gib"] = round(maximum / GIB, 4)
+            values["memory/cpu_peak_rss_max_gib" if on_cpu else "memory/peak_max_gib"] = round(maximum / GIB, 4)
         if self.plan is not None:
             planned = self.plan.allocated_peak_bytes
             values["memory/planned_gib"] = round(planned / GIB, 4)
-            values["memory/plan_error_pct"] = round(100.0 * (planned - peak) / max(peak, 1), 2)
+            if not on_cpu:
+                values["memory/plan_error_pct"] = round(100.0 * (planned - peak) / max(peak, 1), 2)
             budget = self.plan.budget_bytes
-            if budget and peak > self.warn_fraction * budget and not self._warned_peak:
+            if budget and not on_cpu and peak > self.warn_fraction * budget and not self._warned_peak:
                 self._warned_peak = True
                 warnings.warn(f"measured peak {peak / GIB:.2f} GiB passed {self.warn_fraction:.0%} of the "
                               f"{budget / GIB:.2f} GiB budget.", HfFtkitWarning, stacklevel=2)

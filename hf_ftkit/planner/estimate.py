@@ -157,11 +157,14 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     mask = act.attention_mask_bytes(inputs)
     n = spec.num_layers
     if inputs.gradient_checkpointing:
-        kept = n * act.checkpoint_bytes_per_token(spec, inputs) * tokens
+        checkpoint = act.checkpoint_bytes_per_token(spec, inputs) * tokens
+        # offloading moves every layer's checkpointed input to host memory; one is brought back per layer
+        # in the backward (a second one in flight): what stays is 2 x seq x hidden, not layers x seq x hidden
+        kept = (min(n, 2) if inputs.activation_offloading else n) * checkpoint
     else:
         kept = n * layer + embed_out
-    if inputs.activation_offloading:
-        kept = min(kept, 2 * layer + embed_out)
+        if inputs.activation_offloading:
+            kept = min(kept, 2 * layer + embed_out)
     kept += final_norm + mask
     # Autocast caches a low-precision copy of every fp32 weight for the whole forward. Sharded runs
     # (FSDP mixed-precision policy, DeepSpeed) already compute with 16-bit parameters: no cache.

@@ -135,7 +135,11 @@ def inputs_from_training(
         values["packing"] = bool(getattr(args, "packing", False))
         values["padding_free"] = bool(getattr(args, "padding_free", False))
         values["use_liger_kernel"] = bool(getattr(args, "use_liger_kernel", False))
-        values["activation_offloading"] = bool(getattr(args, "activation_offloading", False))
+        gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+        # TRL's activation_offloading, or transformers' checkpointing with offload (both move the
+        # checkpointed inputs to host memory)
+        values["activation_offloading"] = bool(getattr(args, "activation_offloading", False)
+                                               or (isinstance(gc_kwargs, dict) and gc_kwargs.get("offload")))
         seq_len = seq_len or getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
         sharding = _fsdp(args)
         if sharding:

@@ -65,7 +65,9 @@ class PlanInputs:
     attn_implementation: AttnImpl = field(default="sdpa", metadata={"help": "sdpa, flash_attention_2, eager."})
     packing: bool = field(default=False, metadata={"help": "Packed sequences (no padding mask)."})
     padding_free: bool = field(default=False, metadata={"help": "Padding-free batches (no padding mask)."})
-    activation_offloading: bool = field(default=False, metadata={"help": "TRL activation_offloading to CPU."})
+    activation_offloading: bool = field(default=False, metadata={
+        "help": "Activations offloaded to host memory (with gradient checkpointing: the checkpointed inputs): "
+                "TRL's activation_offloading, or gradient_checkpointing_kwargs offload."})
     use_liger_kernel: bool = field(default=False, metadata={"help": "Liger kernels incl. fused linear CE."})
 
     def __post_init__(self) -> None:

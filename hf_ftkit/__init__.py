@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AdapterSet": "hf_ftkit.merge.hotswap",
+    "add_callbacks": "hf_ftkit.callbacks.attach",
     "BadInputError": "hf_ftkit.errors",
     "Comparison": "hf_ftkit.compare.methods",
     "Composition": "hf_ftkit.merge.compose",
@@ -50,6 +51,7 @@ _EXPORTS = {
 __all__ = sorted(["__version__", *_EXPORTS])
 
 if TYPE_CHECKING:
+    from hf_ftkit.callbacks.attach import add_callbacks
     from hf_ftkit.callbacks.memory import MemoryBudgetCallback
     from hf_ftkit.compare.methods import Comparison, compare_methods
     from hf_ftkit.errors import (

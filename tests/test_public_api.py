@@ -14,7 +14,7 @@ EXPECTED = [
     "AdapterSet", "Composition", "MergeResult", "MergeVerificationError", "QloraTarget", "compose",
     "inspect_adapters", "merge_adapters",
     "ForgettingCallback", "ForgettingEvaluator", "measure_forgetting", "stdlib_documents",
-    "Comparison", "compare_methods",
+    "Comparison", "compare_methods", "add_callbacks",
 ]
 
 

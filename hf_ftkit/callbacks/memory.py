@@ -55,9 +55,15 @@ class MemoryBudgetCallback(TrainerCallback):
         self.warn_fraction = warn_fraction
         self.plan = plan
         self._warned_peak = False
+        self._placed = False  # True once hf_ftkit.add_callbacks put it ahead of the reporting callbacks
+
+    def bind_handler(self, handler: Any) -> None:
+        """Called by ``hf_ftkit.add_callbacks``, which already placed this callback first."""
+        self._placed = True
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        _move_to_front(self)
+        if not self._placed:
+            _move_to_front(self)  # passed as callbacks=[...]: see _move_to_front
         if self.plan is None and model is not None:
             self.plan = self._plan_run(model, args)
         if self.plan is not None and self.plan.fits is False:

@@ -90,7 +90,10 @@ class ForgettingCallback(TrainerCallback):
 
     # -- events -------------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._handler = sys._getframe(1).f_locals.get("self")  # the CallbackHandler running this event
+        if self._handler is None:
+            # Passed as callbacks=[...]: no public hook hands a callback its handler, which is the caller of
+            # this event (hf_ftkit.add_callbacks binds it instead; tests cover both).
+            self._handler = sys._getframe(1).f_locals.get("self")
         tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
         try:
@@ -145,6 +148,11 @@ class ForgettingCallback(TrainerCallback):
             from hf_ftkit.forgetting.plot import plot_history
 
             plot_history(self.history, state.log_history, Path(args.output_dir) / "forgetting.png")
+
+    def bind_handler(self, handler: Any) -> None:
+        """The Trainer's ``CallbackHandler``, through which measurements reach the reporting callbacks
+        (``hf_ftkit.add_callbacks`` calls this)."""
+        self._handler = handler
 
     # -- internals ----------------------------------------------------------------------------------------
     def _prepare(self, model: Any, tokenizer: Any, train_dataloader: Any) -> None:

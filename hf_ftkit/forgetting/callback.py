@@ -23,7 +23,7 @@ KNOWN_THRESHOLDS = (*METRICS, *(f"{m}_delta" for m in METRICS[:5]), *(f"{m}_delt
 BYTES_PER_TOKEN = 4  # sampling reads about this much text per token before tokenizing
 OVERLAP_SAMPLE = 5000  # training examples checked for held-out overlap
 STATE_FILE = "hf_ftkit_forgetting.json"  # in each checkpoint: the history a resumed run continues
-BASE_CACHE_FILE = "hf_ftkit_forgetting_base.safetensors"  # full fine-tuning: the base's top-k, for KL after resume
+BASE_CACHE_FILE = "hf_ftkit_forgetting_base{rank}.safetensors"  # full FT: the base's top-k, for KL after resume
 
 
 class ForgettingCallback(TrainerCallback):
@@ -127,18 +127,19 @@ class ForgettingCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not self.history or not state.is_world_process_zero or not folder.is_dir():
+        if not self.history or not folder.is_dir():
             return
-        saved = {"history": self.history, "best": self.best, "crossed": self.crossed, "warned": self._warned,
-                 "seconds_measuring": self.seconds_measuring}
-        write_text_atomic(folder / STATE_FILE, json.dumps(saved, indent=2) + "\n")
-        if self.evaluator is not None and self.evaluator.cache is not None:
+        if state.is_world_process_zero:
+            saved = {"history": self.history, "best": self.best, "crossed": self.crossed, "warned": self._warned,
+                     "seconds_measuring": self.seconds_measuring}
+            write_text_atomic(folder / STATE_FILE, json.dumps(saved, indent=2) + "\n")
+        if self.evaluator is not None and self.evaluator.cache is not None:  # each rank scores its own documents
             from safetensors.torch import save_file
 
             cache = self.evaluator.cache
             tensors = {f"{kind}.{i}": t[j].contiguous() for i, t in enumerate(cache.batches)
                        for j, kind in enumerate(("logprobs", "indices"))}
-            save_file(tensors, str(folder / BASE_CACHE_FILE), metadata={"k": str(cache.k)})
+            save_file(tensors, str(folder / _base_cache_file()), metadata={"k": str(cache.k)})
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not _stop.requested():
@@ -196,10 +197,10 @@ class ForgettingCallback(TrainerCallback):
         self._warned = bool(saved.get("warned"))
         self.seconds_measuring = float(saved.get("seconds_measuring", 0.0))
         self.evaluator.baseline = {k: baseline.get(k) for k in METRICS}
-        if (folder / BASE_CACHE_FILE).is_file():
+        if (folder / _base_cache_file()).is_file():
             from safetensors import safe_open
 
-            with safe_open(str(folder / BASE_CACHE_FILE), framework="pt") as f:
+            with safe_open(str(folder / _base_cache_file()), framework="pt") as f:
                 cache = BaseCache(int((f.metadata() or {}).get("k", self.top_k)))
                 count = len([k for k in f.keys() if k.startswith("logprobs.")])
                 cache.batches = [(f.get_tensor(f"logprobs.{i}"), f.get_tensor(f"indices.{i}")) for i in range(count)]
@@ -281,6 +282,14 @@ class ForgettingCallback(TrainerCallback):
         report = {"history": self.history, "best": best, "threshold": self.threshold,
                   "crossed": self.crossed, "action": self.action, "seconds_measuring": self.seconds_measuring}
         write_text_atomic(path / "forgetting.json", json.dumps(report, indent=2) + "\n")
+
+
+def _base_cache_file() -> str:
+    """This rank's file of the base's top-k (ranks score different documents); no suffix when not distributed."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return BASE_CACHE_FILE.format(rank=f".rank{dist.get_rank()}" if distributed else "")
 
 
 def _cancel_check() -> Any:

@@ -171,7 +171,7 @@ def _tokens(doc: Document, tokenizer: Any, left: int | None) -> tuple[list[int],
     """The document's tokens, at most ``left`` of them: a longer document is cut (only its first
     ``left × CHARS_PER_TOKEN_CAP`` characters are tokenized) and replaced by the text its kept tokens cover,
     so bytes and words stay those of what is scored."""
-    if left is None or len(doc.text) <= left:  # no token is shorter than a character
+    if left is None:
         return tokenizer(doc.text, add_special_tokens=False)["input_ids"], doc
     text = doc.text[:left * CHARS_PER_TOKEN_CAP]
     fast = getattr(tokenizer, "is_fast", False)

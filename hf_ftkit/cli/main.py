@@ -126,9 +126,12 @@ class _DropPrefix(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+_NOISE_FILTERS = {name: _DropPrefix(prefix) for name, prefix in NOISE_LOGS.items()}
+
+
 def _hide_library_noise() -> None:
-    for name, prefix in NOISE_LOGS.items():
-        logging.getLogger(name).addFilter(_DropPrefix(prefix))
+    for name, noise in _NOISE_FILTERS.items():
+        logging.getLogger(name).addFilter(noise)  # the same object each time: added once, however often main runs
     for pattern in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
 

@@ -21,8 +21,8 @@ _LABELS = {
     "logits_loss": "logits / loss",
     "transient": "transient (casts, optimizer step)",
     "sharding_buffers": "sharding / DDP buffers",
+    "fragmentation": "allocator slack (reserved − allocated)",
     "cuda_context": "CUDA context (fixed)",
-    "fragmentation": "allocator fragmentation (fixed)",
 }
 
 
@@ -51,7 +51,10 @@ def plan_table(plan: Plan) -> Table:
         if value or key in FIXED or key in ("weights", "activations"):
             table.add_row(_LABELS[key], format_bytes(value))
     table.add_section()
-    table.add_row(f"[bold]peak per device[/] ({plan.peak_phase})", f"[bold]{format_bytes(plan.peak_bytes)}[/]")
+    table.add_row("allocated peak (max_memory_allocated)", format_bytes(plan.allocated_peak_bytes))
+    table.add_row("reserved peak (max_memory_reserved)", format_bytes(plan.reserved_peak_bytes))
+    table.add_row(f"[bold]peak per device[/] ({plan.peak_phase}; reserved + context)",
+                  f"[bold]{format_bytes(plan.peak_bytes)}[/]")
     if plan.budget_bytes is not None:
         table.add_row(f"budget ({plan.budget_label})", format_bytes(plan.budget_bytes))
         colour = "green" if plan.fits else "red"

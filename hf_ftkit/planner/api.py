@@ -125,6 +125,7 @@ def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
 def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
     """Replace the allocated part of ``analytic`` with a traced step's peak."""
     from hf_ftkit._data import load
+    from hf_ftkit.planner.allocator import replay
     from hf_ftkit.planner.structure import config_from_dict
     from hf_ftkit.planner.trace import trace_step
 
@@ -133,6 +134,7 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
         raise BadInputError("--exact traces one device; drop --gpus/--nodes/--shard or use the analytic plan.")
     traced = trace_step(config_from_dict(dict(spec.config)), inputs)
     constants = load("constants")
+    replayed = replay(traced.events)  # the traced step's own allocations through the allocator model
     cats = traced.by_category
     breakdown = {
         "weights": cats.get("PARAM", 0) + cats.get("BUFFER", 0),
@@ -140,8 +142,8 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
         "optimizer_states": cats.get("OPT", 0),
         "activations": cats.get("ACT", 0),
         "transient": cats.get("TEMP", 0) + cats.get("OTH", 0),
+        "fragmentation": replayed.peak_reserved - replayed.peak_requested,
         "cuda_context": int(constants["cuda_context_bytes"]),
-        "fragmentation": int(constants["fragmentation_fraction"] * traced.peak_bytes),
     }
     return Plan(
         model=spec, inputs=inputs, peak_bytes=sum(breakdown.values()), allocated_peak_bytes=traced.peak_bytes,

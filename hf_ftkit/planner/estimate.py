@@ -8,11 +8,14 @@ from typing import Any
 from hf_ftkit._data import load
 from hf_ftkit.planner import activations as act
 from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.reserved import allocator_slack
 from hf_ftkit.planner.spec import ModelSpec
 from hf_ftkit.planner.states import ModelStates, model_states
 
-# Breakdown keys, in display order. "fixed" lines are not part of what a tracer or
-# torch.cuda.max_memory_allocated sees, but they do take device memory.
+# Breakdown keys, in display order. The last two are not part of what a tracer or
+# torch.cuda.max_memory_allocated sees, but they do take device memory: "fragmentation" is the caching
+# allocator's reserved-minus-requested bytes (modelled by replaying the step's tensors through a model of
+# the allocator, see planner/reserved.py), "cuda_context" the fixed context and library workspaces.
 COMPONENTS = (
     "weights",
     "adapter_weights",
@@ -23,8 +26,8 @@ COMPONENTS = (
     "logits_loss",
     "transient",
     "sharding_buffers",
-    "cuda_context",
     "fragmentation",
+    "cuda_context",
 )
 FIXED = ("cuda_context", "fragmentation")
 
@@ -34,9 +37,11 @@ class Plan:
     """A per-device memory plan.
 
     Attributes:
-        peak_bytes: peak per device, fixed overheads included; what must fit the budget.
-        allocated_peak_bytes: the same without fixed overheads (comparable to
+        peak_bytes: the reserved peak plus the CUDA context: what must fit the budget.
+        allocated_peak_bytes: bytes the step's tensors hold at the peak (comparable to
             ``torch.cuda.max_memory_allocated`` and to a trace).
+        reserved_peak_bytes (property): the caching allocator's reserved peak, allocated plus its slack
+            (comparable to ``torch.cuda.max_memory_reserved``).
         breakdown: bytes per component at the peak (sums to ``peak_bytes``).
         peak_phase: where the peak happens (``forward``, ``backward``, ``optimizer``).
         budget_bytes: the budget compared against, if any.
@@ -55,6 +60,10 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def reserved_peak_bytes(self) -> int:
+        return self.allocated_peak_bytes + self.breakdown["fragmentation"]
+
+    @property
     def fits(self) -> bool | None:
         return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
 
@@ -68,6 +77,7 @@ class Plan:
             "model": self.model.model_id,
             "peak_bytes": self.peak_bytes,
             "allocated_peak_bytes": self.allocated_peak_bytes,
+            "reserved_peak_bytes": self.reserved_peak_bytes,
             "peak_phase": self.peak_phase,
             "breakdown": dict(self.breakdown),
             "fits": self.fits,
@@ -137,13 +147,12 @@ def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _S
 
 
 def with_extra_activations(plan: Plan, extra: int) -> Plan:
-    """``plan`` with ``extra`` bytes of activations (allocated), the allocator allowance following them."""
+    """``plan`` with ``extra`` bytes of activations (allocated); the allocator's slack is kept."""
     if extra <= 0:
         return plan
     breakdown = dict(plan.breakdown)
     breakdown["activations"] += extra
     allocated = plan.allocated_peak_bytes + extra
-    breakdown["fragmentation"] = int(round(load("constants")["fragmentation_fraction"] * allocated))
     return replace(plan, breakdown=breakdown, allocated_peak_bytes=allocated, peak_bytes=sum(breakdown.values()))
 
 
@@ -210,7 +219,6 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
     states = model_states(spec, inputs)
     sh = shard_states(states, spec, inputs)
     phases = _activation_phases(spec, inputs)
-    resident = sh.weights + sh.adapter_weights + sh.quant_constants + sh.optimizer_states + sh.persistent_buffers
 
     # Candidate peaks: end of forward, start of backward, late backward (grads built up), optimizer step.
     fwd_transient = phases["forward_cache"]
@@ -230,7 +238,6 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
         logits_part = logits.forward_peak * tokens
     elif phase == "backward":
         logits_part = logits.backward_peak * tokens
-    allocated = resident + grads + acts + transient
     constants = load("constants")
     breakdown = {
         "weights": sh.weights,
@@ -242,8 +249,8 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
         "logits_loss": logits_part,
         "transient": transient - (sh.gathered if phase != "optimizer" else 0.0),
         "sharding_buffers": sh.persistent_buffers + (sh.gathered if phase != "optimizer" else 0.0),
+        "fragmentation": float(allocator_slack(spec, inputs)),
         "cuda_context": float(constants["cuda_context_bytes"]),
-        "fragmentation": constants["fragmentation_fraction"] * allocated,
     }
     rounded = {k: int(round(v)) for k, v in breakdown.items()}
     return Plan(

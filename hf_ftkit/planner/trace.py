@@ -29,10 +29,15 @@ _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
 
 @dataclass(frozen=True)
 class TraceResult:
-    """Peak bytes of one traced training step, total and by MemTracker category."""
+    """Peak bytes of one traced training step, total and by MemTracker category.
+
+    ``events`` lists every storage's allocation and release in order (``(key, bytes, is_alloc)``),
+    which :func:`hf_ftkit.planner.allocator.replay` turns into a reserved peak.
+    """
 
     peak_bytes: int
     by_category: dict[str, int]
+    events: tuple[tuple[object, int, bool], ...] = ()
 
 
 class _NoHandle:
@@ -51,13 +56,33 @@ def _peak_only_tracker() -> Any:
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
     class PeakOnlyTracker(MemTracker):
+        """Also records every storage's allocation and release, in order, for the allocator model."""
+
+        events: list[tuple[object, int, bool]] = []
+        _keys: dict[int, int] = {}
+
+        def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None,
+                         old_reftype: Any = None) -> None:
+            super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+            name = u_type.name
+            if name == "SIZE" and id(winfo) in self._keys:  # a resize: the old block goes, a new one comes
+                self.events.append((self._keys.pop(id(winfo)), int(old_mem_consumed or 0), False))
+                name = "ADD"
+            if name == "ADD" and winfo.mem_consumed > 0:
+                key = self._keys[id(winfo)] = len(self.events)
+                self.events.append((key, int(winfo.mem_consumed), True))
+            elif name == "DEL" and id(winfo) in self._keys:
+                self.events.append((self._keys.pop(id(winfo)), int(winfo.mem_consumed), False))
+
         def _update_peak_stats(self, peak_state: Any) -> None:
             for dev, snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
                     self._peak_mem[dev] = snap[_TOTAL_KEY]
                     self._peak_mem_snap[dev] = deepcopy(snap)
 
-    return PeakOnlyTracker()
+    tracker = PeakOnlyTracker()
+    tracker.events, tracker._keys = [], {}
+    return tracker
 
 
 def _make_4bit_class() -> Any:
@@ -252,9 +277,11 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
                 tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
         tracker.track_external(model, optimizer)
         with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
-            for _ in range(steps):
+            for step in range(steps):
+                # unpacked batches vary in length: the first step is a shorter one, as the reserved model assumes
+                seq = inputs.seq_len if inputs.packing or step else max(inputs.seq_len // 2, 1)
                 for _micro in range(inputs.gradient_accumulation_steps):  # earlier micro-batches' grads stay
-                    ids = torch.zeros((inputs.batch_size, inputs.seq_len), dtype=torch.long)
+                    ids = torch.zeros((inputs.batch_size, seq), dtype=torch.long)
                     with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
                         loss = model(input_ids=ids, labels=ids).loss
                     loss.backward()
@@ -265,4 +292,4 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
         snapshot = tracker.get_tracker_snapshot("peak")
     per_device = next(iter(snapshot.values()))
     by_category = {str(k).rsplit(".", 1)[-1]: int(v) for k, v in per_device.items() if str(k) != "Total"}
-    return TraceResult(peak_bytes=int(per_device["Total"]), by_category=by_category)
+    return TraceResult(peak_bytes=int(per_device["Total"]), by_category=by_category, events=tuple(tracker.events))

@@ -140,7 +140,7 @@ def test_a_config_holding_only_model_type_is_refused(capsys, tmp_path):
     assert code == 2 and "gives no model size" in err
 
 
-@pytest.mark.parametrize(("budget", "seq_len"), [("24GiB", "1024"), ("16GiB", "4096")])
+@pytest.mark.parametrize(("budget", "seq_len"), [("24GiB", "1024"), ("20GiB", "4096")])
 def test_suggestions_include_what_auto_picks_and_ways_to_keep_full_finetuning(capsys, budget, seq_len):
     from hf_ftkit.fallback.ladder import choose_setup
     from hf_ftkit.planner.inputs import PlanInputs

@@ -44,7 +44,7 @@ def test_limits_restrict_the_ladder():
     setup = choose_setup(MODEL, 400 * GIB, seq_len=2048, limits=LadderLimits(allow_full=False, min_lora_r=32))
     assert setup.inputs.method == "lora" and setup.inputs.lora_r == 32
     assert all(r.inputs.method != "full" for r in setup.ladder)
-    fixed = choose_setup(MODEL, "24GiB", seq_len=2048, batch_size=4, limits=LadderLimits(fixed_micro_batch=True))
+    fixed = choose_setup(MODEL, "40GiB", seq_len=2048, batch_size=4, limits=LadderLimits(fixed_micro_batch=True))
     assert all(r.inputs.batch_size == 4 for r in fixed.ladder)
     with pytest.raises(BadInputError, match="no rung"):
         choose_setup(MODEL, "24GiB", limits=LadderLimits(methods=("dora",)))

@@ -5,8 +5,9 @@
    caching-allocator model (`hf_ftkit/planner/allocator.py`, rules from PyTorch's allocator). The
    analytic plan cuts its own tensors (`hf_ftkit/planner/reserved.py`); this checks the cut and the
    phase order, not the allocator rules.
-2. *GPU-measured*: PEFT's MetaMathQA result files, which log ``torch.cuda.memory_reserved()`` after
-   every step (minus the reading before the model was loaded) and publish the maximum.
+2. *GPU-measured*: the transformers-stack points of ``benchmarks/data/published_peaks.json`` whose
+   counter is a reserved reading (PEFT's MetaMathQA result files log ``torch.cuda.memory_reserved()``
+   after every step, minus the reading before the model was loaded, and publish the maximum).
 
 Qwen2.5-0.5B is the model whose trace the loss's tensor order was read from (calibration); Llama 3.2 1B
 is held out. Writes ``docs/benchmarks/reserved.md``.
@@ -32,13 +33,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 MODELS = (("Qwen/Qwen2.5-0.5B", "calibration"), ("meta-llama/Llama-3.2-1B", "held out"))
 GRID = [dict(method=m, gradient_checkpointing=g, batch_size=b, seq_len=s)
         for m, g, (b, s) in itertools.product(("full", "lora", "qlora"), (False, True), ((1, 1024), (4, 512)))]
-# PEFT method_comparison/MetaMathQA/results/*.json: Llama-3.2-3B, bf16 weights, no autocast, torch AdamW
-# (foreach on CUDA), batch 4, max length 768 (bucketed lengths), L40S, torch 2.7.1; "cuda_memory_max".
-PEFT = [
-    ("lora--llama-3.2-3B-rank32.json (r32, q_proj+v_proj)",
-     dict(method="lora", lora_r=32, lora_targets="q_proj,v_proj", lora_dropout=0.0), 22_273_851_392),
-    ("full-finetuning--llama-3.2-3B-lr_0.00001.json", dict(method="full"), 38_550_000_000),
-]
+PUBLISHED = Path(__file__).resolve().parent / "data" / "published_peaks.json"
 
 
 def _traced_rows() -> list[dict]:
@@ -84,7 +79,8 @@ def _write(rows: list[dict], peft: list[tuple[str, int, int]]) -> None:
     lines += ["", "## Against GPU-measured reserved memory (PEFT MetaMathQA, NVIDIA L40S)", "",
               "Counter: `torch.cuda.memory_reserved()` after each optimizer step, maximum over 5,000 steps, minus the "
               "reading before loading (so no CUDA context). PEFT empties the cache every 10 steps and evaluates with "
-              "generation between steps; lengths vary up to 768.", "",
+              "generation between steps; lengths vary up to 768. Sources and commits: "
+              "`benchmarks/data/published_peaks.json`.", "",
               "| result file | planned allocated GB | planned reserved GB | measured GB | error |",
               "|---|---:|---:|---:|---:|"]
     for name, (allocated, planned), measured in peft:
@@ -98,12 +94,16 @@ def _write(rows: list[dict], peft: list[tuple[str, int, int]]) -> None:
 
 
 def main() -> None:
+    import json
+
     warnings.filterwarnings("ignore")
-    spec = resolve_model("meta-llama/Llama-3.2-3B")
     peft = []
-    for name, kw, measured in PEFT:
-        plan = estimate(spec, PlanInputs(batch_size=4, seq_len=768, precision="bf16", optim="adamw_torch", **kw))
-        peft.append((name, (plan.allocated_peak_bytes, plan.reserved_peak_bytes), measured))
+    for point in json.loads(PUBLISHED.read_text())["points"]:
+        if point["stack"] != "hf" or "reserved" not in point["counter"]:
+            continue
+        plan = estimate(resolve_model(point["model"]), PlanInputs(**point["config"]))
+        name = f"{point['source']['path'].rsplit('/', 1)[-1]} ({point['split']})"
+        peft.append((name, (plan.allocated_peak_bytes, plan.reserved_peak_bytes), point["bytes"]))
     _write(_traced_rows(), peft)
 
 

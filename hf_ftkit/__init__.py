@@ -17,6 +17,7 @@ _EXPORTS = {
     "Comparison": "hf_ftkit.compare.methods",
     "Composition": "hf_ftkit.merge.compose",
     "compare_methods": "hf_ftkit.compare.methods",
+    "MergeConfig": "hf_ftkit.merge.config",
     "MergeResult": "hf_ftkit.merge.run",
     "MergeVerificationError": "hf_ftkit.errors",
     "QloraTarget": "hf_ftkit.merge.streaming",
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from hf_ftkit.forgetting.evaluator import ForgettingEvaluator
     from hf_ftkit.forgetting.heldout import stdlib_documents
     from hf_ftkit.merge.compose import Composition, compose
+    from hf_ftkit.merge.config import MergeConfig
     from hf_ftkit.merge.hotswap import AdapterSet
     from hf_ftkit.merge.inspect import inspect_adapters
     from hf_ftkit.merge.run import MergeResult, merge_adapters

@@ -11,7 +11,7 @@ EXPECTED = [
     "ModelSpec", "Setup", "choose_setup",
     "Plan", "PlanInputs", "__version__", "parse_budget", "plan", "plan_from_training", "resolve_model",
     "suggest", "trace_step", "train_with_fallback", "what_fits",
-    "AdapterSet", "Composition", "MergeResult", "MergeVerificationError", "QloraTarget", "compose",
+    "AdapterSet", "Composition", "MergeConfig", "MergeResult", "MergeVerificationError", "QloraTarget", "compose",
     "inspect_adapters", "merge_adapters",
     "ForgettingCallback", "ForgettingEvaluator", "measure_forgetting", "stdlib_documents",
     "Comparison", "compare_methods", "add_callbacks",

@@ -94,6 +94,7 @@ def add_parser(sub: Any) -> None:
 
 def run_merge(args: argparse.Namespace, console: Console) -> int:
     from hf_ftkit._dtypes import to_torch
+    from hf_ftkit.merge.config import MergeConfig
     from hf_ftkit.merge.run import merge_adapters
     from hf_ftkit.merge.streaming import QloraTarget
 
@@ -103,14 +104,14 @@ def run_merge(args: argparse.Namespace, console: Console) -> int:
 
         load_dtype = to_torch(args.qlora_dtype) if args.qlora_dtype else stored_dtype(args.base)
         qlora = QloraTarget(args.qlora, args.quant_type, args.double_quant, load_dtype)
+    config = MergeConfig(
+        weights=args.weights, method=args.method, density=args.density, svd_rank=args.svd_rank,
+        adapter_only=args.adapter_only, dtype=args.dtype, streaming=args.streaming, qlora=qlora,
+        verify=not args.no_verify, prompts=args.prompt, tolerance=args.tolerance, overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size,
+    )
     with byte_progress("merging") as progress:
-        result = merge_adapters(
-            args.base, args.adapters, args.out, weights=args.weights, method=args.method, density=args.density,
-            svd_rank=args.svd_rank, adapter_only=args.adapter_only, dtype=args.dtype, streaming=args.streaming,
-            qlora=qlora, verify=not args.no_verify, prompts=args.prompt, tolerance=args.tolerance,
-            overwrite=args.overwrite, allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size,
-            progress=progress,
-        )
+        result = merge_adapters(args.base, args.adapters, args.out, config, progress=progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

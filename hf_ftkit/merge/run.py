@@ -20,6 +20,7 @@ from hf_ftkit.merge._stream_io import base_entries
 from hf_ftkit.merge.adapters import Adapter, read_adapter
 from hf_ftkit.merge.base import read_config, resolve_base_dir
 from hf_ftkit.merge.compose import Composition, compose
+from hf_ftkit.merge.config import DTYPES, MergeConfig
 from hf_ftkit.merge.inspect import compatibility, uncovered_finding
 from hf_ftkit.merge.output import atomic_directory, check_space, check_target, scratch_directory
 from hf_ftkit.merge.streaming import (
@@ -42,7 +43,7 @@ from hf_ftkit.merge.verify import (
 
 # Relative tolerance of the layer-by-layer check (float32 exact up to reassociation; 16-bit up to rounding).
 LAYER_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-DTYPES = ("bf16", "fp16", "fp32")
+__all__ = ["DTYPES", "MergeConfig", "MergeResult", "merge_adapters", "stored_dtype"]
 
 
 @dataclass
@@ -73,46 +74,42 @@ def merge_adapters(
     base: str | Path,
     adapters: list[str | Path],
     out: str | Path,
+    config: MergeConfig | None = None,
     *,
-    weights: list[float] | None = None,
-    method: str = "exact",
-    density: float | None = None,
-    svd_rank: int | None = None,
-    adapter_only: bool = False,
-    dtype: str | None = None,
-    streaming: bool = False,
-    qlora: QloraTarget | None = None,
-    verify: bool = True,
-    prompts: list[str] | None = None,
-    tolerance: float | None = None,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    max_shard_bytes: int = 5 * 10**9,
     progress: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> MergeResult:
-    """Compose ``adapters`` and write the result: an adapter (``adapter_only``) or the merged model.
+    """Compose ``adapters`` and write the result: an adapter (``config.adapter_only``) or the merged model.
 
-    The output appears at ``out`` only complete and verified; on any failure nothing is left there.
+    ``config`` holds every option (:class:`MergeConfig`); they may also be passed as keyword arguments
+    (``dtype="bf16", streaming=True``), not both. The output appears at ``out`` only complete and
+    verified; on any failure nothing is left there.
 
     Example:
-        >>> merge_adapters("base_dir", ["adapter_dir"], "merged", dtype="bf16", streaming=True).verification
+        >>> merge_adapters("base_dir", ["adapter_dir"], "merged", MergeConfig(dtype="bf16", streaming=True))
     """
     started = time.perf_counter()
+    if config is not None and options:
+        raise BadInputError(f"pass the merge options in the MergeConfig or as keywords, not both (got "
+                            f"{', '.join(sorted(options))} beside a config).")
+    try:
+        cfg = config if config is not None else MergeConfig(**options)
+    except TypeError as exc:  # an option name MergeConfig does not have
+        raise BadInputError(f"{exc}; the options are MergeConfig's fields.") from None
     out = Path(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise BadInputError(f"unknown --dtype {dtype!r}; use one of: {', '.join(DTYPES)}.")
-    torch_dtype = to_torch(dtype) if dtype else None
-    _check_options(weights, density, svd_rank, tolerance, max_shard_bytes)
-    base_dir = None if adapter_only else resolve_base_dir(base)
+    torch_dtype = to_torch(cfg.dtype) if cfg.dtype else None
+    base_dir = None if cfg.adapter_only else resolve_base_dir(base)
     inputs = [*adapters, base_dir or base]
-    check_target(out.absolute(), overwrite, inputs)
-    read = [read_adapter(p, allow_pickle=allow_pickle) for p in adapters]
+    check_target(out.absolute(), cfg.overwrite, inputs)
+    read = [read_adapter(p, allow_pickle=cfg.allow_pickle) for p in adapters]
     for adapter in read:  # the in-memory (PEFT) and streaming paths would disagree on such an adapter
         if (finding := uncovered_finding(adapter)) is not None:
             raise BadInputError(finding.message)
-    composition = compose(base_dir or base, list(read), weights, method, density=density, svd_rank=svd_rank)
-    if adapter_only:
-        with atomic_directory(out, overwrite=overwrite, inputs=inputs, marker=_marker("adapter", composition)) as part:
+    composition = compose(base_dir or base, list(read), cfg.weights, cfg.method, density=cfg.density,
+                          svd_rank=cfg.svd_rank)
+    if cfg.adapter_only:
+        with atomic_directory(out, overwrite=cfg.overwrite, inputs=inputs,
+                              marker=_marker("adapter", composition)) as part:
             composition.save(part)
             _copy_tokenizer(read[0].path, part)
         return MergeResult(out, "adapter", composition.report(), seconds=time.perf_counter() - started)
@@ -120,10 +117,9 @@ def merge_adapters(
     read_config(base_dir)
     scratch = scratch_directory(out)  # beside the output: same disk, and cleaned up if this run is killed
     try:
-        base_dir = _safetensors_base(base_dir, allow_pickle, scratch / "base")
-        options = _Options(torch_dtype, streaming, qlora, verify, prompts, tolerance, overwrite, max_shard_bytes,
-                           progress, started, inputs)
-        return _merge_into_base(base_dir, read, composition, out, scratch / "adapter", options)
+        base_dir = _safetensors_base(base_dir, cfg.allow_pickle, scratch / "base")
+        run = _Run(cfg, torch_dtype, progress, started, inputs)
+        return _merge_into_base(base_dir, read, composition, out, scratch / "adapter", run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -132,21 +128,6 @@ def stored_dtype(base: str | Path) -> torch.dtype:
     """The floating dtype the base checkpoint is stored in (what ``dtype="auto"`` loads)."""
     entries = base_entries(resolve_base_dir(base))
     return next((e.dtype for e in entries.values() if e.dtype.is_floating_point), torch.float32)
-
-
-def _check_options(weights: list[float] | None, density: float | None, svd_rank: int | None,
-                   tolerance: float | None, max_shard_bytes: int) -> None:
-    if weights is not None and not all(math.isfinite(w) for w in weights):
-        raise BadInputError(f"--weights {' '.join(map(str, weights))} holds a non-finite value; pass finite numbers.")
-    if density is not None and not 0 < density <= 1:
-        raise BadInputError(f"--density {density} is outside (0, 1]; pass the fraction of entries to keep.")
-    if svd_rank is not None and svd_rank < 1:
-        raise BadInputError(f"--svd-rank {svd_rank} is not a positive rank; pass 1 or more.")
-    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
-        raise BadInputError(f"--tolerance {tolerance} is not a finite number >= 0; pass the largest accepted "
-                            "max |Δlogit|.")
-    if max_shard_bytes < 1:
-        raise BadInputError("--max-shard-size must be positive; pass e.g. 5GB.")
 
 
 def _marker(mode: str, composition: Composition) -> str:
@@ -186,23 +167,20 @@ def _safetensors_base(base_dir: Path, allow_pickle: bool, scratch: Path) -> Path
 
 
 @dataclass
-class _Options:
+class _Run:
+    """A merge's options and what the run itself adds (resolved dtype, progress hook, start time, inputs)."""
+
+    config: MergeConfig
     dtype: torch.dtype | None
-    streaming: bool
-    qlora: QloraTarget | None
-    verify: bool
-    prompts: list[str] | None
-    tolerance: float | None
-    overwrite: bool
-    max_shard_bytes: int
     progress: Callable[[int, int], None] | None
     started: float
     inputs: list[str | Path]
 
 
 def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Composition, out: Path, adapter_dir: Path,
-                     options: _Options) -> MergeResult:
-    torch_dtype, streaming, qlora = options.dtype, options.streaming, options.qlora
+                     run: _Run) -> MergeResult:
+    cfg = run.config
+    torch_dtype, streaming, qlora = run.dtype, cfg.streaming, cfg.qlora
     errors = [f for f in compatibility(read, base_shapes(base_dir)) if f.level == "error"]
     if errors:
         raise BadInputError(errors[0].message)
@@ -214,20 +192,20 @@ def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Compositi
     adapter_dir.mkdir()
     composition.save(adapter_dir)
     mode = "streaming" if streaming else "in-memory"
-    with atomic_directory(out, overwrite=options.overwrite, inputs=options.inputs,
+    with atomic_directory(out, overwrite=cfg.overwrite, inputs=run.inputs,
                           marker=_marker(mode, composition)) as partial:
         if streaming:
             stream_merge(base_dir, adapter, partial, dtype=torch_dtype, qlora=qlora,
-                         max_shard_bytes=options.max_shard_bytes, progress=options.progress,
+                         max_shard_bytes=cfg.max_shard_bytes, progress=run.progress,
                          extra_files_from=read[0].path, plan=plan)
         else:
-            _merge_in_memory(base_dir, adapter_dir, partial, plan, torch_dtype, qlora, options.max_shard_bytes)
+            _merge_in_memory(base_dir, adapter_dir, partial, plan, torch_dtype, qlora, cfg.max_shard_bytes)
             _copy_tokenizer(base_dir, partial)
             _copy_tokenizer(read[0].path, partial)
-        if options.verify:
+        if cfg.verify:
             result.verification, result.qlora = _verify(
-                base_dir, adapter_dir, partial, plan, composition, torch_dtype, qlora, options.prompts,
-                options.tolerance, streaming)
+                base_dir, adapter_dir, partial, plan, composition, torch_dtype, qlora, cfg.prompts,
+                cfg.tolerance, streaming)
             diff = result.verification["max_abs_logit_diff"]
             if not math.isfinite(diff):
                 raise MergeVerificationError(
@@ -246,7 +224,7 @@ def _merge_into_base(base_dir: Path, read: list[Adapter], composition: Compositi
                     f"{result.verification['tolerance']:.3g}), so nothing was written; raise --tolerance if this "
                     "is expected rounding, or check that the base is the one the adapter was trained on."
                 )
-    result.seconds = time.perf_counter() - options.started
+    result.seconds = time.perf_counter() - run.started
     return result
 
 

@@ -50,6 +50,7 @@ def _name_base_as_the_recipe_does(recipe: Any, out: Path) -> None:
 
 
 def _merge(run: Any) -> dict[str, Any]:
+    from hf_ftkit.merge.config import MergeConfig
     from hf_ftkit.merge.run import merge_adapters
 
     recipe = run.recipe
@@ -63,8 +64,8 @@ def _merge(run: Any) -> dict[str, Any]:
         dtype = to_torch("fp32" if str(recipe.model.dtype) in ("float32", "None") else "bf16")
         qlora = QloraTarget("dequantized", quant_type=inputs.quant_type, double_quant=inputs.double_quant,
                             load_dtype=dtype)
-    result = merge_adapters(str(recipe.model.model_name_or_path), [run.output_dir], run.output_dir / "merged",
-                            dtype=recipe.ftkit.merge_dtype, qlora=qlora, overwrite=True)
+    config = MergeConfig(dtype=recipe.ftkit.merge_dtype, qlora=qlora, overwrite=True)
+    result = merge_adapters(str(recipe.model.model_name_or_path), [run.output_dir], run.output_dir / "merged", config)
     run.timings["merge_seconds"] = time.perf_counter() - started
     return result.to_dict()
 

@@ -188,3 +188,15 @@ def test_streaming_merge_killed_between_shards_leaves_no_output(smollm2_dir, ada
         assert leftovers
         merge_adapters(smollm2_dir, [adapters["rslora"]], out, streaming=True, verify=False)
         assert out.is_dir() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_merge_options_come_in_one_config_or_as_keywords_not_both(tmp_path):
+    from hf_ftkit.merge.config import MergeConfig
+
+    with pytest.raises(BadInputError, match="not both"):
+        merge_adapters(tmp_path / "base", [tmp_path / "a"], tmp_path / "out", MergeConfig(), dtype="bf16")
+    with pytest.raises(BadInputError, match="MergeConfig's fields"):
+        merge_adapters(tmp_path / "base", [tmp_path / "a"], tmp_path / "out", dtypee="bf16")
+    with pytest.raises(BadInputError, match="--density 2"):
+        MergeConfig(density=2)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,41 @@
+"""The calibration set of published GPU measurements: well-formed, plannable, and the plan holds on it."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from hf_ftkit.planner.estimate import estimate
+from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.resolve import resolve_model
+
+DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "published_peaks.json"
+COUNTERS = {"max_memory_allocated": "allocated_peak_bytes", "max_memory_reserved": "reserved_peak_bytes",
+            "memory_reserved_after_step_max": "reserved_peak_bytes", "nvidia_smi": "peak_bytes"}
+
+
+def _points() -> list[dict]:
+    return json.loads(DATA.read_text())["points"]
+
+
+def test_every_point_names_its_source_counter_and_a_valid_configuration():
+    points = _points()
+    assert len({p["id"] for p in points}) == len(points)
+    for p in points:
+        assert {"repository", "path", "commit"} <= set(p["source"]) and p["quoted"] and p["confidence"]
+        assert p["counter"] in COUNTERS and p["split"] in ("calibration", "held_out") and p["bytes"] > 0
+        PlanInputs(**p["config"])  # raises on a field or value the planner does not know
+    hf = [p for p in points if p["stack"] == "hf"]
+    assert {p["split"] for p in hf} == {"calibration", "held_out"}
+
+
+def test_transformers_stack_points_are_planned_within_target():
+    errors = []
+    for p in _points():
+        if p["stack"] != "hf":
+            continue
+        planned = estimate(resolve_model(p["model"]), PlanInputs(**p["config"])).to_dict()[COUNTERS[p["counter"]]]
+        errors.append((planned - p["bytes"]) / p["bytes"])
+    assert min(errors) > -0.10, "no published run may be under-predicted by more than 10%"
+    assert statistics.median(abs(e) for e in errors) <= 0.06

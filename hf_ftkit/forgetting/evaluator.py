@@ -21,9 +21,9 @@ from hf_ftkit.forgetting.metrics import (
     Reference,
     all_reduce,
     batches_in_step,
-    encode,
     measure,
 )
+from hf_ftkit.forgetting.windows import encode
 
 
 @dataclass

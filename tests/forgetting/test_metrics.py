@@ -11,7 +11,7 @@ import torch
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.forgetting.evaluator import ForgettingEvaluator
 from hf_ftkit.forgetting.heldout import Document
-from hf_ftkit.forgetting.metrics import rolling_windows
+from hf_ftkit.forgetting.windows import rolling_windows
 
 WINDOW = 64  # small, so documents span several windows and end in a partial one
 
@@ -71,7 +71,7 @@ def test_rolling_windows_follow_lm_eval():
 
 
 def test_batches_keep_to_the_token_budget_and_similar_lengths(smollm2_tokenizer, heldout_texts):
-    from hf_ftkit.forgetting.metrics import SAME_LENGTH, encode
+    from hf_ftkit.forgetting.windows import SAME_LENGTH, encode
 
     encoded = encode([Document(t) for t in heldout_texts[:40]], smollm2_tokenizer, window=512, batch_tokens=2048)
     lengths = [[len(encoded.windows[i].input_ids) for i in batch] for batch in encoded.batches]

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hf_ftkit.forgetting.heldout import Document
-from hf_ftkit.forgetting.metrics import encode
+from hf_ftkit.forgetting.windows import encode
 
 
 @pytest.fixture(scope="module")

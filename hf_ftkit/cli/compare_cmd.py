@@ -109,9 +109,8 @@ def _hours(value: float | None) -> str:
 
 def comparison_rows(result: Comparison) -> tuple[list[str], list[tuple[str, list[str], str]]]:
     """Column headers and ``(row name, one cell per method, basis)`` rows, shared by the table and Markdown."""
-    from hf_ftkit._data import load
+    from hf_ftkit.planner.methods import method_info
 
-    labels = load("methods")["methods"]
     rows = list(result.rows.values())
     gpu_id = result.gpu["id"]
     memory = format_bytes(gpu_memory_bytes(result.gpu))
@@ -124,7 +123,7 @@ def comparison_rows(result: Comparison) -> tuple[list[str], list[tuple[str, list
         ("FLOPs per token", [f"{r.flops.total / 1e9:,.1f} G" for r in rows], "estimated"),
         ("training time", [_hours(r.hours) + (f" ({_hours(r.hours_range[0])}-{_hours(r.hours_range[1])})"
                                                if r.hours_range else "") for r in rows],
-         "estimated; DoRA/QLoRA x published slowdown vs LoRA"),
+         "estimated; DoRA/QLoRA x published slowdown vs LoRA (QDoRA: the two composed)"),
         ("GPU-hours", [f"{r.gpu_hours:,.1f}" if r.gpu_hours is not None else "-" for r in rows], "estimated"),
         ("cost" if price is not None else "cost (needs --price-per-gpu-hour)",
          [f"{r.cost:,.0f}" if r.cost is not None else "-" for r in rows], "estimated"),
@@ -135,7 +134,7 @@ def comparison_rows(result: Comparison) -> tuple[list[str], list[tuple[str, list
         ("forgetting risk", [r.forgetting_risk for r in rows],
          "measured" if any(r.forgetting for r in rows) else "literature"),
     ]
-    return [labels[r.method]["label"] for r in rows], lines
+    return [method_info(r.method).label for r in rows], lines
 
 
 def _title(result: Comparison) -> str:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HfFtkitWarning)  # kept in result.warnings, printed below
         result = plan(spec, inputs, budget=args.budget, exact=args.exact)
-    if inputs.method == "full" and args.lora_r is not None:
+    if not inputs.is_peft and args.lora_r is not None:
         result.warnings.append("--lora-r has no effect with --method full, which trains every weight; drop it or "
                                "choose --method lora.")
     if not (args.json or args.quiet):

@@ -72,19 +72,19 @@ def flops_per_token(spec: ModelSpec, inputs: PlanInputs) -> FlopsPerToken:
     attn = attention_forward(spec, inputs.seq_len)
     ckpt = inputs.gradient_checkpointing
     micro_batch_tokens = inputs.batch_size * inputs.seq_len
-    if inputs.method == "full":
+    if not inputs.is_peft:
         return FlopsPerToken(base_matmul=6 * m, attention=3 * attn, adapter=0.0,
                              recompute=(2 * m + attn) if ckpt else 0.0, dora_norm=0.0, dequant=0.0)
     adapters = adapter_params(spec, inputs)
-    if inputs.method == "dora":
+    if inputs.dora:
         adapters -= sum(g.count * g.out_features for g in lora_targets(spec, inputs))  # magnitudes: elementwise
     forwards = 2 if ckpt else 1
     dora = 0.0
-    if inputs.method == "dora":
+    if inputs.dora:
         adapted = sum(g.count * g.in_features * g.out_features for g in lora_targets(spec, inputs))
         dora = forwards * (2 * inputs.lora_r + 3) * adapted / micro_batch_tokens
     dequant = 0.0
-    if inputs.method == "qlora":
+    if inputs.quantized_base:
         dequant = (forwards + 1) * DEQUANT_OPS_PER_WEIGHT * spec.params_linear / micro_batch_tokens
     return FlopsPerToken(base_matmul=4 * m, attention=3 * attn, adapter=6.0 * adapters,
                          recompute=(2 * m + attn + 2 * adapters) if ckpt else 0.0, dora_norm=dora, dequant=dequant)

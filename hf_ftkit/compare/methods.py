@@ -22,6 +22,7 @@ from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.budget import find_gpu, known_gpus
 from hf_ftkit.planner.estimate import Plan
 from hf_ftkit.planner.inputs import METHODS, PlanInputs
+from hf_ftkit.planner.methods import MethodInfo, method_info, quantized_twin, registry
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
 from hf_ftkit.planner.states import model_states
@@ -164,7 +165,7 @@ def find_placement(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int, *, ch
             for shard in ("none",) if count == 1 else MULTI_GPU_SHARDS:
                 changes: dict[str, Any] = {"gpus": gpus, "nodes": nodes, "shard": shard,
                                            "gradient_checkpointing": recompute}
-                if inputs.method == "qlora" and shard != "none":
+                if inputs.quantized_base and shard != "none":
                     changes["quant_storage"] = "bf16"  # FSDP/ZeRO-3 can only shard 4-bit weights stored as bf16
                 result = plan(spec, inputs.replace(**changes), budget=budget_bytes)
                 if result.fits:
@@ -193,7 +194,7 @@ def read_forgetting_report(path: str | Path) -> dict[str, Any]:
 
 def _row(spec: ModelSpec, inputs: PlanInputs, gpu: dict[str, Any], tokens: int, price: float | None,
          utilization: float, placement: Placement | None, forgetting: dict[str, Any] | None) -> MethodRow:
-    facts = load("methods")["methods"][inputs.method]
+    facts = inputs.info
     timed = inputs.replace(gradient_checkpointing=placement.gradient_checkpointing) if placement else inputs
     flops = flops_per_token(spec, timed)
     hours = gpu_hours = cost = hours_range = None
@@ -209,7 +210,7 @@ def _row(spec: ModelSpec, inputs: PlanInputs, gpu: dict[str, Any], tokens: int, 
         gpu_hours = hours * placement.gpus
         cost = gpu_hours * price if price is not None else None
     states = model_states(spec, timed)
-    if inputs.method == "full":
+    if not inputs.is_peft:
         artifact = ARTIFACT_BYTES_PER_PARAM * spec.params_total
         checkpoint = states.weights + states.optimizer_states
     else:
@@ -219,7 +220,7 @@ def _row(spec: ModelSpec, inputs: PlanInputs, gpu: dict[str, Any], tokens: int, 
                                "flops_per_token": "estimated", "hours": "estimated", "cost": "estimated",
                                "artifact_bytes": "estimated", "checkpoint_bytes": "estimated",
                                "forgetting_risk": "measured" if forgetting else "literature"}
-    risk = facts["forgetting_risk"]
+    risk = facts.forgetting_risk
     if forgetting:
         risk = f"measured: {forgetting['bits_per_byte_delta_pct']:+.2f}% bits/byte"
         if forgetting.get("kl") is not None:
@@ -227,7 +228,7 @@ def _row(spec: ModelSpec, inputs: PlanInputs, gpu: dict[str, Any], tokens: int, 
     return MethodRow(
         method=inputs.method, trainable_params=states.trainable_params, total_params=spec.params_total,
         placement=placement, flops=flops, hours=hours, gpu_hours=gpu_hours, cost=cost, artifact_bytes=int(artifact),
-        checkpoint_bytes=int(checkpoint), deployment=facts["deployment"], composability=facts["composability"],
+        checkpoint_bytes=int(checkpoint), deployment=facts.deployment, composability=facts.composability,
         forgetting_risk=risk, forgetting=forgetting, basis=basis, hours_range=hours_range, throughput=throughput,
     )
 
@@ -239,10 +240,27 @@ def slowdown(method: str) -> dict[str, Any] | None:
 
     entries = load("throughput")["methods"].get(method)
     if not entries:
+        info = method_info(method)
+        if info.quantized_base and info.adapter not in (None, "lora"):
+            return _composed_slowdown(info)
         return None
     factors = [float(e["factor"]) for e in entries]
     return {"factor": statistics.median(factors), "range": [min(factors), max(factors)],
             "sources": [{k: e[k] for k in ("factor", "model", "gpu", "figures", "source")} for e in entries]}
+
+
+def _composed_slowdown(info: MethodInfo) -> dict[str, Any] | None:
+    """No published timing of this adapter on a 4-bit base (QDoRA): the adapter's factor times 4-bit's."""
+    adapter = next((m.name for m in registry().values() if m.adapter == info.adapter and not m.quantized_base), None)
+    parts = [slowdown(adapter) if adapter else None, slowdown(quantized_twin("lora").name)]
+    if any(p is None for p in parts):
+        return None
+    first, second = parts[0], parts[1]
+    assert first is not None and second is not None
+    return {"factor": first["factor"] * second["factor"],
+            "range": [first["range"][0] * second["range"][0], first["range"][1] * second["range"][1]],
+            "sources": [*first["sources"], *second["sources"]],
+            "composed": f"no published {info.label} timing: {adapter}'s factor x QLoRA's (estimated)"}
 
 
 def _assumptions(inputs: PlanInputs, gpu: dict[str, Any], utilization: float, checkpointing: Checkpointing,
@@ -258,7 +276,8 @@ def _assumptions(inputs: PlanInputs, gpu: dict[str, Any], utilization: float, ch
         "frozen-base methods skip the base's weight gradients (4 x) and add 6 x adapter params; recompute adds "
         "a forward. DoRA and QLoRA: LoRA's time x their published slowdown vs LoRA (median, range in brackets: "
         "DoRA 1.24-1.56x from PEFT's MetaMathQA results, QLoRA 1.08-2.05x from LitGPT's config tables; larger "
-        "at small micro-batches); sources in --json `throughput_vs_lora`.",
+        "at small micro-batches); QDoRA, unpublished, DoRA's factor x QLoRA's; sources in --json "
+        "`throughput_vs_lora`.",
         "cost (estimated): GPU-hours x the given price per GPU-hour.",
         "size on disk (estimated): full weights in bf16; adapters in fp32 (PEFT's default); a resumable "
         "checkpoint adds the optimizer states.",
@@ -318,7 +337,7 @@ def compare_methods(
     base = inputs or PlanInputs()
     reports = {name: read_forgetting_report(path) for name, path in (forgetting or {}).items()}
     rows = {}
-    for method in METHODS:
+    for method in (name for name in METHODS if method_info(name).in_compare):
         method_inputs = base.replace(method=method, gpus=1, nodes=1, shard="none")
         placement = find_placement(spec, method_inputs, gpu_memory_bytes(card), checkpointing=checkpointing,
                                    max_gpus=max_gpus, per_node=gpus_per_node)

@@ -3,6 +3,9 @@
     full (mixed precision) -> full (bf16 + 8-bit optimizer) -> LoRA -> LoRA + checkpointing
     -> QLoRA NF4 + checkpointing -> QLoRA + double quant + paged 8-bit optimizer
     -> the same with smaller micro-batches and more accumulation (same effective batch)
+
+The rungs are the method table's (``data/methods.json``); DoRA and QDoRA rungs join when the user names
+those methods (``LadderLimits(methods=("dora", "qdora"))``).
 """
 
 from __future__ import annotations
@@ -16,24 +19,10 @@ from hf_ftkit.errors import BadInputError, DoesNotFitError
 from hf_ftkit.planner.budget import parse_budget
 from hf_ftkit.planner.estimate import Plan, estimate
 from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.methods import all_rungs
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
 from hf_ftkit.units import GIB, format_bytes
-
-_BASE_RUNGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("full (bf16-mixed)", {"method": "full", "precision": "bf16-mixed", "optim": "adamw_torch_fused",
-                           "gradient_checkpointing": False}),
-    ("full (bf16 + 8-bit AdamW)", {"method": "full", "precision": "bf16", "optim": "adamw_bnb_8bit",
-                                   "gradient_checkpointing": False}),
-    ("LoRA (bf16 base)", {"method": "lora", "precision": "bf16-mixed", "optim": "adamw_torch_fused",
-                          "gradient_checkpointing": False}),
-    ("LoRA + gradient checkpointing", {"method": "lora", "precision": "bf16-mixed", "optim": "adamw_torch_fused",
-                                       "gradient_checkpointing": True}),
-    ("QLoRA NF4 + gradient checkpointing", {"method": "qlora", "quant_type": "nf4", "double_quant": False,
-                                            "optim": "adamw_torch_fused", "gradient_checkpointing": True}),
-    ("QLoRA + double quant + paged 8-bit AdamW", {"method": "qlora", "quant_type": "nf4", "double_quant": True,
-                                                  "optim": "paged_adamw_8bit", "gradient_checkpointing": True}),
-)
 
 
 @dataclass(frozen=True)
@@ -53,7 +42,7 @@ class LadderLimits:
     methods: tuple[str, ...] | None = None
 
     def allows(self, inputs: PlanInputs) -> bool:
-        if inputs.method == "full" and not self.allow_full:
+        if not inputs.is_peft and not self.allow_full:
             return False
         return self.methods is None or inputs.method in self.methods
 
@@ -110,13 +99,13 @@ class Setup:
         from peft import LoraConfig
 
         return LoraConfig(r=i.lora_r, lora_alpha=2 * i.lora_r, lora_dropout=i.lora_dropout,
-                          target_modules=i.target_names() or "all-linear", use_dora=i.method == "dora",
+                          target_modules=i.target_names() or "all-linear", use_dora=i.dora,
                           modules_to_save=list(i.modules_to_save) or None, task_type="CAUSAL_LM")
 
     def bnb_config(self) -> Any:
         """A ``BitsAndBytesConfig`` for QLoRA rungs (storage dtype matched for FSDP/ZeRO-3), else ``None``."""
         i = self.inputs
-        if i.method != "qlora":
+        if not i.quantized_base:
             return None
         from transformers import BitsAndBytesConfig
 
@@ -167,7 +156,10 @@ class Setup:
 def ladder_rungs(inputs: PlanInputs, limits: LadderLimits) -> list[tuple[str, PlanInputs]]:
     """Every rung allowed by ``limits``, in order, built on the user's own settings."""
     rank = max(inputs.lora_r, limits.min_lora_r or 0)
-    rungs = [(name, inputs.replace(lora_r=rank, **changes)) for name, changes in _BASE_RUNGS]
+    # the rungs come from the method table; a rung marked non-default (DoRA, QDoRA) is on the ladder only
+    # when the user names the methods allowed
+    chosen = [r for r in all_rungs() if r.default or (limits.methods is not None and r.method in limits.methods)]
+    rungs = [(r.name, inputs.replace(method=r.method, lora_r=rank, **dict(r.changes))) for r in chosen]
     rungs = [(name, r) for name, r in rungs if limits.allows(r)]
     if rungs and not limits.fixed_micro_batch:
         name, last = rungs[-1]

@@ -22,7 +22,7 @@ def compute_bytes(inputs: PlanInputs) -> int:
 
 def fp32_master(inputs: PlanInputs) -> bool:
     """Full fine-tuning with fp32 weights under autocast (bf16-/fp16-mixed)."""
-    return inputs.method == "full" and inputs.precision.endswith("-mixed")
+    return not inputs.is_peft and inputs.precision.endswith("-mixed")
 
 
 def is_gated(spec: ModelSpec) -> bool:
@@ -57,7 +57,7 @@ def norm_bytes(h: int, inputs: PlanInputs, fed_linears: int) -> float:
     saved: float = 4.0 * h + 4  # fp32 upcast (kept by pow/mul) + rstd
     if inputs.use_liger_kernel:
         saved = c * h + 4  # Liger's kernel keeps the input in its dtype and rstd
-    if inputs.method == "full":
+    if not inputs.is_peft:
         master = fp32_master(inputs)
         saved += (4 if (master or c == 4) else c) * h  # normalized value, for the norm weight's gradient
         if fed_linears:
@@ -87,14 +87,14 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         saved += 4 * heads  # log-sum-exp
     if spec.qk_norm:
         saved += 4.0 * (q + kv) + 4 * (heads + spec.num_kv_heads)
-        if inputs.method == "full":
+        if not inputs.is_peft:
             saved += c * (q + kv)
     return saved
 
 
 def _mlp_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     c = compute_bytes(inputs)
-    full = inputs.method == "full"
+    full = not inputs.is_peft
     if spec.is_moe:
         e, k, hi = spec.num_experts, spec.experts_per_token, spec.moe_intermediate_size
         router = 4 * e * 2  # fp32 router logits and softmax
@@ -118,7 +118,7 @@ def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         # dropout keeps a one-byte mask
         per_target = c * g.in_features + (g.in_features if inputs.lora_dropout > 0 else 0)
         per_target += c * inputs.lora_r  # lora_A output, kept by lora_B
-        if inputs.method == "dora":
+        if inputs.dora:
             per_target += 2 * c * g.out_features  # base output and the magnitude-scaled result
         saved += per_layer * per_target
     return saved
@@ -137,7 +137,7 @@ def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     total = 0.0
     if inputs.precision != "fp32":
         total += sum(2 * inputs.lora_r * (g.in_features + g.out_features) * g.count for g in targets)
-    if inputs.method == "dora":
+    if inputs.dora:
         total += sum(2 * c * g.in_features * g.out_features * g.count for g in targets)
     return total / spec.num_layers
 

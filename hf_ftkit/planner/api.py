@@ -114,7 +114,7 @@ def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
     if inputs.is_peft and unknown:
         found.append(f"--modules-to-save {','.join(unknown)} matches no module hf-ftkit knows in {spec.model_id} "
                      f"(known: {', '.join(_WHOLE_MODULES)} and the linears); it adds nothing to this plan.")
-    if inputs.method == "full" and inputs.modules_to_save:
+    if not inputs.is_peft and inputs.modules_to_save:
         found.append("--modules-to-save has no effect with --method full, which trains every module.")
     if inputs.world_size == 1 and inputs.shard in ("fsdp", "zero1", "zero2", "zero3") and inputs.offload == "none":
         found.append(f"--shard {inputs.shard} on one GPU shards nothing: the plan is a single device's; add --gpus "

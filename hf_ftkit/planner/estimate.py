@@ -132,10 +132,10 @@ def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _S
     elif inputs.shard in ("zero3", "fsdp"):
         w, a, q, g, s, temp = w / n, a / n, q / n, g / n, s / n, temp / n
         prefetch = load("constants")["fsdp_prefetch_layers"]
-        base_unit_bytes = (0.5 if inputs.method == "qlora" else c) * unit
+        base_unit_bytes = (0.5 if inputs.quantized_base else c) * unit
         # two layers gathered (current + prefetch) plus the root unit's embedding / lm_head
         gathered = prefetch * base_unit_bytes + c * (spec.params_embedding + spec.params_lm_head)
-        if inputs.method == "full":
+        if not inputs.is_peft:
             gathered += c * unit  # unsharded gradient of the layer being reduced
     if inputs.offload in ("optimizer", "params"):
         s, temp = 0.0, 0.0
@@ -208,7 +208,7 @@ def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
     """The embedding backward builds a dense vocabulary x hidden gradient before accumulating it."""
     if not spec.tie_embeddings:
         return 0.0  # the fresh gradient simply becomes .grad; only a tied weight accumulates into lm_head's
-    if inputs.method != "full" and not set(inputs.modules_to_save) & {"embed_tokens", "wte"}:
+    if inputs.is_peft and not set(inputs.modules_to_save) & {"embed_tokens", "wte"}:
         return 0.0
     return (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
 

@@ -15,6 +15,7 @@ from hf_ftkit.errors import BadInputError
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.estimate import Plan
 from hf_ftkit.planner.inputs import PlanInputs
+from hf_ftkit.planner.methods import method_info, quantized_twin
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
 
@@ -111,7 +112,7 @@ def inputs_from_training(
             raise BadInputError(
                 "a 4-bit BitsAndBytesConfig needs a LoraConfig: a quantized base cannot be fully trained."
             )
-        method = "qlora"
+        method = quantized_twin(method_info(method).adapter or "lora").name  # QLoRA, or QDoRA for use_dora
         values["quant_type"] = bnb_config.bnb_4bit_quant_type
         values["double_quant"] = bool(bnb_config.bnb_4bit_use_double_quant)
         values["compute_dtype"] = from_torch(bnb_config.bnb_4bit_compute_dtype) or "fp32"
@@ -128,7 +129,7 @@ def inputs_from_training(
         loaded = _model_dtype(model)
         if mixed is None:
             values["precision"] = "fp32"
-        elif method == "full" and loaded in ("bf16", "fp16"):
+        elif not method_info(method).is_peft and loaded in ("bf16", "fp16"):
             values["precision"] = "bf16"  # weights (and so optimizer states) already in half precision
         else:
             values["precision"] = f"{mixed}-mixed"

@@ -8,15 +8,15 @@ from typing import Any, Literal
 
 from hf_ftkit._data import load
 from hf_ftkit.errors import BadInputError
+from hf_ftkit.planner.methods import MethodInfo, method_info, method_names
 
-Method = Literal["full", "lora", "dora", "qlora"]
 Precision = Literal["fp32", "bf16", "bf16-mixed", "fp16-mixed"]
 Shard = Literal["none", "ddp", "fsdp", "zero1", "zero2", "zero3"]
 FsdpStrategy = Literal["full_shard", "shard_grad_op", "hybrid_shard"]
 Offload = Literal["none", "optimizer", "params"]
 AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
 
-METHODS = ("full", "lora", "dora", "qlora")
+METHODS = method_names()  # from the method table, data/methods.json
 PRECISIONS = ("fp32", "bf16", "bf16-mixed", "fp16-mixed")
 SHARDS = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3")
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard")
@@ -36,7 +36,8 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 class PlanInputs:
     """Everything that decides a fine-tuning run's memory, with Trainer/PEFT/bitsandbytes defaults."""
 
-    method: Method = field(default="full", metadata={"help": "full, lora, dora or qlora."})
+    method: str = field(default="full", metadata={"help": f"{', '.join(METHODS)} (the method table).",
+                                                  "choices": METHODS})
     batch_size: int = field(default=1, metadata={"help": "Micro-batch per device (per_device_train_batch_size)."})
     seq_len: int = field(default=2048, metadata={"help": "Tokens per sequence (max_length)."})
     gradient_accumulation_steps: int = field(default=1, metadata={
@@ -108,13 +109,29 @@ class PlanInputs:
         return self.gpus * self.nodes
 
     @property
+    def info(self) -> MethodInfo:
+        """The method's entry in the method table."""
+        return method_info(self.method)
+
+    @property
     def is_peft(self) -> bool:
-        return self.method != "full"
+        """A PEFT adapter on a frozen base (every method but full fine-tuning)."""
+        return self.info.is_peft
+
+    @property
+    def quantized_base(self) -> bool:
+        """The base is held in bitsandbytes 4-bit (QLoRA, QDoRA)."""
+        return self.info.quantized_base
+
+    @property
+    def dora(self) -> bool:
+        """The adapter is DoRA (weight-decomposed: a magnitude per output beside A and B)."""
+        return self.info.dora
 
     @property
     def weight_dtype(self) -> str:
         """The dtype the model is loaded in: fp32 for fp32 runs and for full FT's fp32 master weights."""
-        if self.precision == "fp32" or (self.method == "full" and self.precision.endswith("-mixed")):
+        if self.precision == "fp32" or (not self.is_peft and self.precision.endswith("-mixed")):
             return "fp32"
         return "fp16" if self.precision == "fp16-mixed" else "bf16"
 

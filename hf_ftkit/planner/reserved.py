@@ -44,12 +44,12 @@ def _tensors(spec: ModelSpec, inputs: PlanInputs) -> tuple[list[list[int]], list
             if not peft:
                 layer.append(numel)
                 continue
-            frozen.append(numel // 2 if inputs.method == "qlora" else base * numel)
-            if inputs.method == "qlora":
+            frozen.append(numel // 2 if inputs.quantized_base else base * numel)
+            if inputs.quantized_base:
                 frozen.append(max(numel // load("constants")["nf4_block"], 1))
             if g.name in targets:
                 layer.extend((inputs.lora_r * g.in_features, inputs.lora_r * g.out_features))
-                if inputs.method == "dora":
+                if inputs.dora:
                     layer.append(g.out_features)
     rest = spec.params_total - spec.params_linear - spec.params_embedding - spec.params_lm_head
     for layer in per_layer:
@@ -128,7 +128,7 @@ class _Step:
         sizes: list[float] = []
         if not spec.is_moe:
             inter = c * tokens * spec.intermediate_size
-            full = inputs.method == "full"
+            full = not inputs.is_peft
             wanted = (4 if full else 3) if act.is_gated(spec) else (2 if full else 1)
             while len(sizes) < wanted and total >= inter:
                 sizes.append(inter)
@@ -165,9 +165,9 @@ class _Step:
                 saved[-1] = ([self.alloc(act.checkpoint_bytes_per_token(spec, inputs) * tokens)] if gc
                              else self.layer_activations(tokens))
             recomputed = self.layer_activations(tokens) if gc else []
-            fresh = [self.alloc(p * self.grad_bytes / (self.shards if inputs.method != "full" else 1))
+            fresh = [self.alloc(p * self.grad_bytes / (self.shards if inputs.is_peft else 1))
                      for p in self.per_layer[index]]
-            if inputs.method == "full" and self.shards > 1:
+            if not inputs.is_peft and self.shards > 1:
                 fresh = self._reduce_scatter(fresh, index)
             step = [self.alloc(hidden)]
             self.free_all(grad_h)

@@ -29,7 +29,7 @@ def adapter_params(spec: ModelSpec, inputs: PlanInputs) -> int:
     total = 0
     for g in lora_targets(spec, inputs):
         total += g.count * inputs.lora_r * (g.in_features + g.out_features)
-        if inputs.method == "dora":
+        if inputs.dora:
             total += g.count * g.out_features
     return total
 
@@ -74,7 +74,7 @@ def _optimizer_bytes(
 def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     """Bytes of weights, adapters, grads and optimizer states for one unsharded replica."""
     wb = 4 if inputs.weight_dtype == "fp32" else 2
-    if inputs.method == "full":
+    if not inputs.is_peft:
         trainable = spec.params_total
         matrices = (g.in_features * g.out_features for g in spec.linears)
         largest = max(spec.params_embedding, spec.params_lm_head, *matrices)
@@ -92,7 +92,7 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     adapter_bytes = 4 * adapters + wb * saved_modules
     base_bytes = 4 if inputs.precision == "fp32" else 2
     quant = 0.0
-    if inputs.method == "qlora":
+    if inputs.quantized_base:
         quantized = spec.params_linear
         other = spec.params_total - quantized
         other_bytes = 4 if inputs.kbit_upcast else base_bytes

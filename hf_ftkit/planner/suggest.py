@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from hf_ftkit.planner.estimate import Plan, estimate
 from hf_ftkit.planner.inputs import METHODS, PlanInputs
+from hf_ftkit.planner.methods import quantized_twin
 from hf_ftkit.planner.spec import ModelSpec
 
 KEEP_FULL = 2  # suggestions that keep full fine-tuning, shown for a full fine-tune whatever adapters save
@@ -32,16 +33,18 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
     out: list[tuple[str, dict[str, object]]] = []
     if not inputs.gradient_checkpointing:
         out.append(("gradient checkpointing", {"gradient_checkpointing": True}))
-    if inputs.method == "full":
+    if not inputs.is_peft:
         out.append(("LoRA", {"method": "lora"}))
         if not inputs.gradient_checkpointing:
             out.append(("LoRA + gradient checkpointing", {"method": "lora", "gradient_checkpointing": True}))
-    if inputs.method in ("full", "lora", "dora"):
-        out.append(("QLoRA", {"method": "qlora"}))
-        out.append(("QLoRA + gradient checkpointing", {"method": "qlora", "gradient_checkpointing": True}))
+    if not inputs.quantized_base:
+        # the same adapter on a 4-bit base (QDoRA for DoRA, QLoRA otherwise), from the method table
+        twin = quantized_twin(inputs.info.adapter or "lora")
+        out.append((twin.label, {"method": twin.name}))
+        out.append((f"{twin.label} + gradient checkpointing", {"method": twin.name, "gradient_checkpointing": True}))
     if "8bit" not in inputs.optim and inputs.optim not in ("sgd", "adafactor"):
         out.append(("8-bit AdamW (paged_adamw_8bit)", {"optim": "paged_adamw_8bit"}))
-    if inputs.method == "full" and inputs.precision != "bf16":
+    if not inputs.is_peft and inputs.precision != "bf16":
         out.append(("pure bf16 weights and states", {"precision": "bf16"}))
     if not inputs.use_liger_kernel:
         out.append(("Liger fused linear cross-entropy", {"use_liger_kernel": True}))
@@ -56,7 +59,7 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
         out.append(("ZeRO-3 / FSDP full shard", {"shard": "zero3"}))
     if inputs.world_size > 1 and inputs.shard in ("zero2", "zero3", "fsdp") and inputs.offload == "none":
         out.append(("CPU offload of optimizer states", {"offload": "optimizer"}))
-    if inputs.world_size == 1 and inputs.method == "full" and inputs.offload == "none":
+    if inputs.world_size == 1 and not inputs.is_peft and inputs.offload == "none":
         # DeepSpeed ZeRO-Offload: optimizer states and step on the CPU, full fine-tuning kept on one GPU
         out.append(("CPU offload of optimizer states (ZeRO-Offload)", {"shard": "zero2", "offload": "optimizer"}))
         if not inputs.gradient_checkpointing:
@@ -80,7 +83,7 @@ def suggest(spec: ModelSpec, plan: Plan, limit: int = 6) -> list[Suggestion]:
             result.append(Suggestion(label, changes, alt.peak_bytes, saves, alt.fits))
     result.sort(key=lambda s: (not s.fits, -s.saves_bytes))
     chosen = result[:limit]
-    if plan.inputs.method != "full":
+    if plan.inputs.is_peft:
         return chosen
     # Ways that keep full fine-tuning (its quality ceiling) are shown even when adapters save more.
     keeping = [s for s in result if "method" not in s.changes and s not in chosen][:KEEP_FULL]

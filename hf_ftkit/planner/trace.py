@@ -115,6 +115,14 @@ def _make_4bit_class() -> Any:
             self._compute = to_torch(inputs.compute_dtype)
             self._nested = inputs.double_quant
 
+        @property
+        def W_q(self) -> torch.Tensor:  # noqa: N802 - PEFT's DoRA dequantizes any base layer that has W_q
+            return self.weight
+
+        def dequantize(self) -> torch.Tensor:
+            """What DoRA's weight norm reads: the weight dequantized in the compute dtype (a fresh tensor)."""
+            return torch.empty(self._shape, dtype=self._compute)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             code = torch.zeros(16, dtype=torch.float32)
             if self._nested:
@@ -172,13 +180,13 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
         targets = inputs.target_names() or "all-linear"
         lora = LoraConfig(
             r=inputs.lora_r, lora_alpha=2 * inputs.lora_r, lora_dropout=inputs.lora_dropout,
-            target_modules=targets, use_dora=inputs.method == "dora",
+            target_modules=targets, use_dora=inputs.dora,
             modules_to_save=list(inputs.modules_to_save) or None, task_type="CAUSAL_LM",
         )
         if inputs.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, lora)
-        if inputs.method == "qlora":
+        if inputs.quantized_base:
             _quantize_linears(model, inputs)
             if inputs.kbit_upcast:  # what prepare_model_for_kbit_training does to the rest of the base
                 for param in model.parameters():

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.planner.budget import find_gpu, known_gpus
+from hf_ftkit.planner.methods import method_names
 
-RECIPE_METHODS = ("full", "lora", "dora", "qlora", "auto")
+RECIPE_METHODS = (*method_names(), "auto")
 RECIPE_SHARDS = ("none", "ddp", "fsdp", "zero2", "zero3")
 ACTIONS = ("warn", "stop")
 _HARDWARE = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(?:(\d+)\s*x\s*)?([A-Za-z0-9][A-Za-z0-9 _.-]*?)\s*$")
@@ -19,7 +20,8 @@ class FtkitArguments:
     """Recipe keys of hf-ftkit; everything else in a recipe is a TRL key."""
 
     method: str = field(default="lora", metadata={
-        "help": "full, lora, dora, qlora, or auto (the best setup that fits the budget, from the fallback ladder)."})
+        "help": "full, lora, dora, qlora, qdora, or auto (the best setup that fits the budget, from the fallback "
+                "ladder)."})
     hardware: str | None = field(default=None, metadata={
         "help": "Declared hardware: 'cpu', 'rtx4090', '8x h100' or '2x8x h100' (nodes x GPUs per node x GPU)."})
     budget: str | None = field(default=None, metadata={

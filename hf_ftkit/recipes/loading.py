@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_ftkit.errors import BadInputError
+from hf_ftkit.planner.methods import method_info
 from hf_ftkit.recipes.arguments import FtkitArguments
 
 RESERVED = ("env",)  # TRL's own top-level key: environment variables to set
@@ -199,8 +200,9 @@ def validate(recipe: Recipe) -> None:
     m.model_name_or_path = resolve_model_path(str(m.model_name_or_path), recipe.path)
     resolve_dataset(str(recipe.script.dataset_name), recipe.path)
     method = f.method
-    implied = {"use_peft": method in ("lora", "dora", "qlora"), "load_in_4bit": method == "qlora",
-               "use_dora": method == "dora"}
+    info = method_info(method) if method != "auto" else None
+    implied = {"use_peft": bool(info and info.is_peft), "load_in_4bit": bool(info and info.quantized_base),
+               "use_dora": bool(info and info.dora)}
     for key, wanted in implied.items():
         if key in set_keys and method == "auto":
             raise BadInputError(f"{where}: {key} contradicts method: auto, which chooses it; drop {key}.")
@@ -213,7 +215,7 @@ def validate(recipe: Recipe) -> None:
     if method != "auto":
         m.use_peft, m.load_in_4bit = implied["use_peft"], implied["load_in_4bit"]
         m.use_dora = implied["use_dora"] or (method == "qlora" and bool(m.use_dora))
-    if f.merge and method == "full":
+    if f.merge and info is not None and not info.is_peft:
         raise BadInputError(f"{where}: merge: true needs an adapter; method: full already writes the whole model.")
     hardware = parse_hardware(f.hardware) if f.hardware else None
     if hardware and hardware.gpus * hardware.nodes > 1 and f.shard == "none":

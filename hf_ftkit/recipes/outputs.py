@@ -57,7 +57,7 @@ def _merge(run: Any) -> dict[str, Any]:
     started = time.perf_counter()
     qlora = None
     inputs = run.setup.inputs  # the setup that trained last (a fallback may have changed it)
-    if inputs.method == "qlora":
+    if inputs.quantized_base:
         from hf_ftkit._dtypes import to_torch
         from hf_ftkit.merge.streaming import QloraTarget
 

@@ -65,9 +65,9 @@ def recipe_inputs(recipe: Recipe, spec: ModelSpec, hardware: Hardware | None) ->
         changes["lora_targets"] = ",".join(DEFAULTS.get(spec.model_type, ["q_proj", "v_proj"]))
     half = str(m.dtype) in HALF
     mixed = "bf16" if t.bf16 else ("fp16" if t.fp16 else None)
-    if inputs.method == "full":
+    if not inputs.is_peft:
         changes["precision"] = "bf16" if half else (f"{mixed}-mixed" if mixed else "fp32")
-    elif inputs.method != "qlora":
+    elif not inputs.quantized_base:
         changes["precision"] = f"{mixed}-mixed" if half and mixed else ("bf16" if half else "fp32")
     if f.shard:
         changes["shard"] = f.shard
@@ -108,10 +108,10 @@ def plan_recipe(recipe: Recipe) -> RecipePlan:
 def _rungs_below(spec: ModelSpec, inputs: PlanInputs, limits: LadderLimits, budget: int) -> list[Rung]:
     """The ladder's rungs after the recipe's method (what an out-of-memory error steps down to)."""
     from hf_ftkit.fallback.ladder import ladder_rungs
+    from hf_ftkit.planner.methods import ladder_order
 
     rungs = ladder_rungs(inputs, limits)
-    order = ("full", "lora", "dora", "qlora")
-    start = next((i for i, (_, r) in enumerate(rungs) if order.index(r.method) > order.index(inputs.method)),
+    start = next((i for i, (_, r) in enumerate(rungs) if ladder_order(r.method) > ladder_order(inputs.method)),
                  len(rungs))
     out = []
     for name, rung in rungs[start:]:

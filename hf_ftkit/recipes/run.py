@@ -217,4 +217,4 @@ def _lora_config(m: Any, inputs: PlanInputs) -> Any:
     return LoraConfig(task_type=m.lora_task_type, r=inputs.lora_r, lora_alpha=m.lora_alpha,
                       lora_dropout=m.lora_dropout, target_modules=m.lora_target_modules,
                       target_parameters=m.lora_target_parameters, modules_to_save=m.lora_modules_to_save,
-                      use_rslora=m.use_rslora, use_dora=inputs.method == "dora" or bool(m.use_dora))
+                      use_rslora=m.use_rslora, use_dora=inputs.dora or bool(m.use_dora))

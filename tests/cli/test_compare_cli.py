@@ -16,7 +16,7 @@ def test_json_has_every_method_and_column(capsys):
                        "--price-per-gpu-hour", "2", "--batch-size", "2", "--seq-len", "1024", "--json")
     data = json.loads(out)
     assert code == 0 and data["tokens"] == 50_000_000 and data["batch_size"] == 2 and data["seq_len"] == 1024
-    assert list(data["methods"]) == ["full", "lora", "dora", "qlora"]
+    assert list(data["methods"]) == ["full", "lora", "dora", "qlora", "qdora"]
     for row in data["methods"].values():
         for key in ("trainable_params", "trainable_pct", "min_gpus", "shard", "peak_bytes_per_gpu", "hours", "cost",
                     "artifact_bytes", "checkpoint_bytes", "deployment", "composability", "forgetting_risk", "basis"):
@@ -29,7 +29,7 @@ def test_json_has_every_method_and_column(capsys):
 
 
 def test_table_labels_numbers_and_prints_assumptions(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "220")
+    monkeypatch.setenv("COLUMNS", "280")
     plot = tmp_path / "compare.png"
     code, out, _ = run(capsys, "compare", "meta-llama/Llama-3.1-70B", "--gpu", "h100", "--plot", str(plot))
     assert code == 0 and plot.read_bytes()[:4] == b"\x89PNG"

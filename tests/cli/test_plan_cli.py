@@ -76,7 +76,7 @@ def test_seq_len_past_context_warns(capsys):
 def test_what_fits_and_list_models(capsys):
     code, out, _ = run(capsys, "plan", "Qwen/Qwen2.5-7B", "--budget", "a100-80gb", "--what-fits", "--json")
     rows = json.loads(out)["what_fits"]
-    assert code == 0 and {r["method"] for r in rows} == {"full", "lora", "dora", "qlora"}
+    assert code == 0 and {r["method"] for r in rows} == {"full", "lora", "dora", "qlora", "qdora"}
     code, out, _ = run(capsys, "plan", "--list-models")
     assert "meta-llama/Llama-3.1-405B" in out
 

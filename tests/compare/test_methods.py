@@ -25,7 +25,7 @@ def test_gpu_counts_double_within_a_node_then_add_nodes():
     assert gpu_counts(3, 8) == [1, 2]
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora", "qdora"])
 def test_memory_and_gpu_count_are_the_planners(table70b, method):
     row = table70b.rows[method]
     p = row.placement
@@ -43,6 +43,18 @@ def test_memory_and_gpu_count_are_the_planners(table70b, method):
                 trial = p.plan.inputs.replace(gpus=gpus, nodes=nodes, shard=shard, gradient_checkpointing=ckpt)
                 assert not plan("meta-llama/Llama-3.1-70B", trial, budget=H100_BYTES).fits
     assert row.trainable_params == p.plan.trainable_params
+
+
+def test_qdora_time_composes_doras_and_qloras_published_slowdowns(table70b):
+    from hf_ftkit.compare.methods import slowdown
+
+    dora, qlora, qdora = slowdown("dora"), slowdown("qlora"), slowdown("qdora")
+    assert qdora["factor"] == pytest.approx(dora["factor"] * qlora["factor"])
+    assert qdora["range"] == pytest.approx([dora["range"][0] * qlora["range"][0], dora["range"][1] * qlora["range"][1]])
+    assert "estimated" in qdora["composed"] and slowdown("lora") is None
+    row = table70b.rows["qdora"]
+    assert row.placement.plan.inputs.quantized_base and row.placement.plan.inputs.dora
+    assert row.hours > table70b.rows["qlora"].hours
 
 
 def test_time_and_cost_follow_the_flops(table70b):

@@ -47,7 +47,22 @@ def test_limits_restrict_the_ladder():
     fixed = choose_setup(MODEL, "40GiB", seq_len=2048, batch_size=4, limits=LadderLimits(fixed_micro_batch=True))
     assert all(r.inputs.batch_size == 4 for r in fixed.ladder)
     with pytest.raises(BadInputError, match="no rung"):
-        choose_setup(MODEL, "24GiB", limits=LadderLimits(methods=("dora",)))
+        choose_setup(MODEL, "24GiB", limits=LadderLimits(methods=("dora",), allow_full=False, min_lora_r=8,
+                                                          fixed_micro_batch=True) and LadderLimits(methods=()))
+
+
+def test_dora_users_step_down_to_qdora_and_the_default_ladder_has_neither():
+    from hf_ftkit.fallback.ladder import ladder_rungs
+    from hf_ftkit.planner.inputs import PlanInputs
+
+    default = {r.method for _, r in ladder_rungs(PlanInputs(), LadderLimits())}
+    assert default == {"full", "lora", "qlora"}
+    dora = ladder_rungs(PlanInputs(), LadderLimits(methods=("dora", "qdora")))
+    assert [r.method for _, r in dora][:4] == ["dora", "dora", "qdora", "qdora"]
+    assert all(r.dora for _, r in dora)
+    setup = choose_setup(MODEL, "16GiB", seq_len=1024, limits=LadderLimits(methods=("dora", "qdora")))
+    assert setup.inputs.method == "qdora" and setup.inputs.quantized_base and setup.plan.fits
+    assert setup.bnb_config() is not None and setup.lora_config().use_dora
 
 
 def test_nothing_fits_names_the_smallest_and_the_shortfall():

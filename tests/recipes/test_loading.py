@@ -31,6 +31,12 @@ def test_method_sets_trl_peft_and_quantization_keys(tmp_path):
     assert qlora.model.use_peft and qlora.model.load_in_4bit
     full = load_recipe(write_recipe(tmp_path / "f.yaml", model_name_or_path="gpt2", method="full"))
     assert not full.model.use_peft and not full.model.load_in_4bit
+    qdora = load_recipe(write_recipe(tmp_path / "qd.yaml", model_name_or_path="gpt2", method="qdora"))
+    assert qdora.model.use_peft and qdora.model.load_in_4bit and qdora.model.use_dora
+    from hf_ftkit.recipes.planning import plan_recipe
+
+    planned = plan_recipe(qdora)  # the recipe key reaches the planner as QDoRA (DoRA on a 4-bit base)
+    assert planned.setup.inputs.method == "qdora" and planned.setup.inputs.quantized_base
 
 
 BAD = [

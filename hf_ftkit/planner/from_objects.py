@@ -35,6 +35,27 @@ def _spec_of(model: Any) -> ModelSpec:
     return spec_from_config(config, name)
 
 
+def plan_precision(method: str, bf16: bool, fp16: bool, loaded: str | None) -> str:
+    """The plan's ``precision`` from Trainer/TRL's ``bf16``/``fp16`` flags and the dtype the model is loaded in
+    (``bf16``, ``fp16``, ``fp32``; None when unknown). The one rule for ``plan_from_training`` and recipes.
+
+    Full fine-tuning of a half-precision model keeps weights and optimizer states in it (``bf16``); of an fp32
+    model under a flag, fp32 master weights with autocast (``*-mixed``). An adapter over a 16-bit base computes
+    under the flag's autocast (``*-mixed``) or in the base's dtype; over an fp32 base the plan is ``fp32``
+    (the weights are fp32; activations are then over-counted, the safe side). A 4-bit base follows the flag.
+    """
+    mixed = "bf16" if bf16 else ("fp16" if fp16 else None)
+    half = loaded in ("bf16", "fp16")
+    info = method_info(method)
+    if not info.is_peft:
+        return "bf16" if half else (f"{mixed}-mixed" if mixed else "fp32")
+    if info.quantized_base:
+        return f"{mixed}-mixed" if mixed else ("bf16" if half else "fp32")
+    if not half and loaded is not None:
+        return "fp32"
+    return f"{mixed}-mixed" if mixed else ("bf16" if half else "fp32")
+
+
 def _model_dtype(model: Any) -> str | None:
     dtype = getattr(model, "dtype", None)
     return from_torch(dtype) if dtype is not None else None
@@ -125,14 +146,7 @@ def inputs_from_training(
             getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
         )
         values["optim"] = str(getattr(args.optim, "value", args.optim))
-        mixed = "bf16" if args.bf16 else ("fp16" if args.fp16 else None)
-        loaded = _model_dtype(model)
-        if mixed is None:
-            values["precision"] = "fp32"
-        elif not method_info(method).is_peft and loaded in ("bf16", "fp16"):
-            values["precision"] = "bf16"  # weights (and so optimizer states) already in half precision
-        else:
-            values["precision"] = f"{mixed}-mixed"
+        values["precision"] = plan_precision(method, bool(args.bf16), bool(args.fp16), _model_dtype(model))
         values["packing"] = bool(getattr(args, "packing", False))
         values["padding_free"] = bool(getattr(args, "padding_free", False))
         values["use_liger_kernel"] = bool(getattr(args, "use_liger_kernel", False))

@@ -11,7 +11,7 @@ from hf_ftkit.fallback.ladder import LadderLimits, Rung, Setup, choose_setup
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.budget import parse_budget
 from hf_ftkit.planner.estimate import Plan, estimate
-from hf_ftkit.planner.from_objects import inputs_from_training
+from hf_ftkit.planner.from_objects import inputs_from_training, plan_precision
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
@@ -63,12 +63,8 @@ def recipe_inputs(recipe: Recipe, spec: ModelSpec, hardware: Hardware | None) ->
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
         changes["lora_targets"] = ",".join(DEFAULTS.get(spec.model_type, ["q_proj", "v_proj"]))
-    half = str(m.dtype) in HALF
-    mixed = "bf16" if t.bf16 else ("fp16" if t.fp16 else None)
-    if not inputs.is_peft:
-        changes["precision"] = "bf16" if half else (f"{mixed}-mixed" if mixed else "fp32")
-    elif not inputs.quantized_base:
-        changes["precision"] = f"{mixed}-mixed" if half and mixed else ("bf16" if half else "fp32")
+    loaded = "bf16" if str(m.dtype) in HALF else "fp32"
+    changes["precision"] = plan_precision(inputs.method, bool(t.bf16), bool(t.fp16), loaded)
     if f.shard:
         changes["shard"] = f.shard
     elif gpus * nodes > 1 and inputs.shard == "none":

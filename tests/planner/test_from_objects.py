@@ -76,3 +76,32 @@ def test_a_dict_of_sft_fields_plans_a_gpu_run_on_a_cpu_only_machine(monkeypatch)
     assert plan.inputs.batch_size == 4 and plan.inputs.seq_len == 1024 and plan.inputs.method == "lora"
     with pytest.raises(BadInputError, match="not valid SFTConfig fields"):
         plan_from_training("meta-llama/Llama-3.1-8B", {"per_device_batch": 4})
+
+
+@pytest.mark.parametrize(("method", "bf16", "loaded", "expected"), [
+    ("full", True, None, "bf16-mixed"),  # fp32 master weights under autocast (model not given)
+    ("full", True, "bf16", "bf16"),  # a bf16 model keeps weights and optimizer states in bf16
+    ("full", False, "fp32", "fp32"),
+    ("lora", True, "bf16", "bf16-mixed"),
+    ("lora", False, "bf16", "bf16"),
+    ("lora", True, "fp32", "fp32"),  # fp32 base weights: planned as fp32, never as a 16-bit base
+    ("qlora", True, "fp32", "bf16-mixed"),
+    ("qdora", False, "bf16", "bf16"),
+])
+def test_one_precision_rule_for_trainer_objects_and_recipes(method, bf16, loaded, expected):
+    from hf_ftkit.planner.from_objects import plan_precision
+
+    assert plan_precision(method, bf16, False, loaded) == expected
+
+
+def test_recipes_use_the_same_precision_rule(tmp_path):
+    from hf_ftkit.planner.from_objects import plan_precision
+    from hf_ftkit.recipes.loading import load_recipe
+    from hf_ftkit.recipes.planning import plan_recipe
+    from tests.recipes.conftest import write_recipe
+
+    for dtype, bf16 in (("bfloat16", True), ("float32", True), ("bfloat16", False)):
+        recipe = load_recipe(write_recipe(tmp_path / f"{dtype}{bf16}.yaml", model_name_or_path="gpt2",
+                                          dtype=dtype, bf16=bf16))
+        loaded = "bf16" if dtype == "bfloat16" else "fp32"
+        assert plan_recipe(recipe).setup.inputs.precision == plan_precision("lora", bf16, False, loaded)

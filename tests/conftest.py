@@ -109,3 +109,11 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """The same adapters on the tiny random base: for tests of wiring, validation and exact arithmetic."""
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    return {name: build_adapter(tiny_model_dir, root / name, seed, **kw)
+            for seed, (name, kw) in enumerate(ADAPTERS.items())}

@@ -32,6 +32,7 @@ def test_site_builds_strict_with_generated_cli_reference_and_api(tmp_path):
     assert (tmp_path / "site" / "images" / "compare_70b_h100.png").is_file()
 
 
+@pytest.mark.slow  # a subprocess or a full docs rebuild: the whole suite (CI) runs it
 def test_generated_tables_are_current():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--check"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)

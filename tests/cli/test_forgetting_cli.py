@@ -28,12 +28,13 @@ def test_forgetting_json_for_an_adapter_and_for_the_base_itself(smollm2_dir, ada
     assert all(v == 0 for v in same["delta_pct"].values())
 
 
-def test_forgetting_bad_data_is_exit_2(smollm2_dir, tmp_path, capsys):
+def test_forgetting_bad_data_is_exit_2(tiny_model_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["forgetting", "--base", str(smollm2_dir), "--model", str(smollm2_dir), "--data", str(empty)]) == 2
+    base = str(tiny_model_dir)
+    assert main(["forgetting", "--base", base, "--model", base, "--data", str(empty)]) == 2
     assert "holds no" in capsys.readouterr().err
     (tmp_path / "rows.jsonl").write_text('{"body_text": "x"}\n')
-    code = main(["forgetting", "--base", str(smollm2_dir), "--model", str(smollm2_dir), "--data",
+    code = main(["forgetting", "--base", str(tiny_model_dir), "--model", str(tiny_model_dir), "--data",
                  str(tmp_path / "rows.jsonl"), "--column", "text"])
     assert code == 2 and "no column 'text'" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import warnings
 
+import pytest
+
 from hf_ftkit.cli.main import NOISE_LOGS, _hide_library_noise
 from tests.conftest import build_adapter
 
@@ -25,6 +27,7 @@ def test_known_notices_are_dropped_and_others_kept(caplog):
     assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes warning"]
 
 
+@pytest.mark.slow  # a subprocess or a full docs rebuild: the whole suite (CI) runs it
 def test_a_merge_prints_no_library_noise_unless_verbose(tiny_model_dir, tmp_path):
     adapter = build_adapter(tiny_model_dir, tmp_path / "adapter", 0, r=4, target_modules=["q_proj"])
     code = ("import sys; from hf_ftkit.cli.main import main; "

@@ -24,37 +24,38 @@ def alone(base_dir, adapter) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def served(smollm2_dir, adapters):
-    return AdapterSet(smollm2_dir, {"a": adapters["task_a"], "b": adapters["task_b"], "r": adapters["rslora"]})
+def served(tiny_model_dir, tiny_adapters):
+    return AdapterSet(tiny_model_dir, {"a": tiny_adapters["task_a"], "b": tiny_adapters["task_b"],
+                                       "r": tiny_adapters["rslora"]})
 
 
-def test_each_adapter_equals_a_model_loaded_with_it_alone(smollm2_dir, adapters, served):
+def test_each_adapter_equals_a_model_loaded_with_it_alone(tiny_model_dir, tiny_adapters, served):
     for name, key in (("a", "task_a"), ("b", "task_b"), ("r", "rslora")):
         with served.use(name) as model, torch.no_grad():
             got = model(input_ids=IDS).logits
-        assert torch.allclose(got, alone(smollm2_dir, adapters[key]), atol=1e-4)
+        assert torch.allclose(got, alone(tiny_model_dir, tiny_adapters[key]), atol=1e-4)
 
 
-def test_mixed_batch_rows_use_their_own_adapter(smollm2_dir, adapters, served):
+def test_mixed_batch_rows_use_their_own_adapter(tiny_model_dir, tiny_adapters, served):
     batch = torch.cat([IDS[:1], IDS[:1], IDS[:1]])
     logits = served.logits(batch, ["a", "r", "__base__"])
-    assert torch.allclose(logits[0], alone(smollm2_dir, adapters["task_a"])[0], atol=1e-4)
-    assert torch.allclose(logits[1], alone(smollm2_dir, adapters["rslora"])[0], atol=1e-4)
+    assert torch.allclose(logits[0], alone(tiny_model_dir, tiny_adapters["task_a"])[0], atol=1e-4)
+    assert torch.allclose(logits[1], alone(tiny_model_dir, tiny_adapters["rslora"])[0], atol=1e-4)
     with served.use("__base__") as model, torch.no_grad():
         assert torch.allclose(logits[2], model(input_ids=IDS[:1]).logits[0], atol=1e-4)
 
 
-def test_active_adapter_is_restored_and_memory_grows_by_adapters_only(smollm2_dir, adapters, served):
+def test_active_adapter_is_restored_and_memory_grows_by_adapters_only(tiny_model_dir, tiny_adapters, served):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     with served.use("b"):
         pass
     assert served.model.active_adapter == "a"
-    base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(smollm2_dir).parameters())
+    base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     adapter_params = 0
     for key in ("task_a", "task_b", "rslora"):
-        with safe_open(str(adapters[key] / "adapter_model.safetensors"), "pt") as handle:
+        with safe_open(str(tiny_adapters[key] / "adapter_model.safetensors"), "pt") as handle:
             adapter_params += sum(handle.get_slice(k).get_shape()[0] * handle.get_slice(k).get_shape()[1]
                                   for k in handle.keys())
     total = sum(p.numel() for p in served.model.parameters())

@@ -42,9 +42,9 @@ def corrupt(adapter: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def test_adapter_for_another_base(smollm2_dir, foreign_adapter, tmp_path):
+def test_adapter_for_another_base(tiny_model_dir, foreign_adapter, tmp_path):
     with pytest.raises(BadInputError, match="trained on another base"):
-        merge_adapters(smollm2_dir, [foreign_adapter], tmp_path / "out")
+        merge_adapters(tiny_model_dir, [foreign_adapter], tmp_path / "out")
     assert nothing_written(tmp_path)
 
 
@@ -59,14 +59,14 @@ def test_adapter_for_another_base(smollm2_dir, foreign_adapter, tmp_path):
         ("missing_dir", "does not exist"),
     ],
 )
-def test_bad_input_writes_nothing(smollm2_dir, adapters, tmp_path, case, message):
-    adapter, kwargs = adapters["task_a"], {}
+def test_bad_input_writes_nothing(tiny_model_dir, tiny_adapters, tmp_path, case, message):
+    adapter, kwargs = tiny_adapters["task_a"], {}
     if case == "missing_config":
         adapter = tmp_path / "noconfig"
-        shutil.copytree(adapters["task_a"], adapter)
+        shutil.copytree(tiny_adapters["task_a"], adapter)
         (adapter / "adapter_config.json").unlink()
     elif case == "corrupt":
-        adapter = corrupt(adapters["task_a"], tmp_path)
+        adapter = corrupt(tiny_adapters["task_a"], tmp_path)
     elif case == "weights_mismatch":
         kwargs = {"weights": [1.0, 2.0]}
     elif case == "unknown_method":
@@ -76,56 +76,56 @@ def test_bad_input_writes_nothing(smollm2_dir, adapters, tmp_path, case, message
         from safetensors.torch import load_file
 
         adapter = tmp_path / "pickled"
-        shutil.copytree(adapters["task_a"], adapter)
+        shutil.copytree(tiny_adapters["task_a"], adapter)
         torch.save(load_file(str(adapter / "adapter_model.safetensors")), adapter / "adapter_model.bin")
         (adapter / "adapter_model.safetensors").unlink()
     elif case == "missing_dir":
         adapter = tmp_path / "nope"
     with pytest.raises(BadInputError, match=message) as info:
-        merge_adapters(smollm2_dir, [adapter], tmp_path / "out", **kwargs)
+        merge_adapters(tiny_model_dir, [adapter], tmp_path / "out", **kwargs)
     assert "\n" not in str(info.value)
     assert nothing_written(tmp_path)
 
 
-def test_pickle_adapter_accepted_with_allow_pickle(smollm2_dir, adapters, tmp_path):
+def test_pickle_adapter_accepted_with_allow_pickle(tiny_model_dir, tiny_adapters, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     adapter = tmp_path / "pickled"
-    shutil.copytree(adapters["rslora"], adapter)
+    shutil.copytree(tiny_adapters["rslora"], adapter)
     torch.save(load_file(str(adapter / "adapter_model.safetensors")), adapter / "adapter_model.bin")
     (adapter / "adapter_model.safetensors").unlink()
-    result = merge_adapters(smollm2_dir, [adapter], tmp_path / "out", allow_pickle=True, streaming=True)
+    result = merge_adapters(tiny_model_dir, [adapter], tmp_path / "out", allow_pickle=True, streaming=True)
     assert result.verification["passed"] and not list((tmp_path / "out").glob("*.bin"))
 
 
-def test_existing_output_is_kept_without_overwrite(smollm2_dir, adapters, tmp_path):
+def test_existing_output_is_kept_without_overwrite(tiny_model_dir, tiny_adapters, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(BadInputError, match="already exists; pass --overwrite"):
-        merge_adapters(smollm2_dir, [adapters["rslora"]], out)
+        merge_adapters(tiny_model_dir, [tiny_adapters["rslora"]], out)
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(BadInputError, match="only replaces a directory hf-ftkit wrote"):
-        merge_adapters(smollm2_dir, [adapters["rslora"]], out, overwrite=True, streaming=True)
+        merge_adapters(tiny_model_dir, [tiny_adapters["rslora"]], out, overwrite=True, streaming=True)
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()  # an empty folder may be replaced
-    merge_adapters(smollm2_dir, [adapters["rslora"]], out, overwrite=True, streaming=True)
+    merge_adapters(tiny_model_dir, [tiny_adapters["rslora"]], out, overwrite=True, streaming=True)
     assert (out / "model.safetensors").is_file()
 
 
-def test_full_disk_is_refused_before_writing(smollm2_dir, adapters, tmp_path, monkeypatch):
+def test_full_disk_is_refused_before_writing(tiny_model_dir, tiny_adapters, tmp_path, monkeypatch):
     import hf_ftkit.merge.output as output
 
     real = shutil.disk_usage
     monkeypatch.setattr(output.shutil, "disk_usage",
                         lambda path: real(path)._replace(free=10 * 2**20))
     with pytest.raises(BadInputError, match="free but the output needs"):
-        merge_adapters(smollm2_dir, [adapters["rslora"]], tmp_path / "out", streaming=True)
+        merge_adapters(tiny_model_dir, [tiny_adapters["rslora"]], tmp_path / "out", streaming=True)
     assert nothing_written(tmp_path)
 
 
-def test_disk_filling_up_mid_write_leaves_nothing(smollm2_dir, adapters, tmp_path, monkeypatch):
+def test_disk_filling_up_mid_write_leaves_nothing(tiny_model_dir, tiny_adapters, tmp_path, monkeypatch):
     import errno
 
     import hf_ftkit.merge._stream_io as stream_io
@@ -141,24 +141,24 @@ def test_disk_filling_up_mid_write_leaves_nothing(smollm2_dir, adapters, tmp_pat
 
     monkeypatch.setattr(stream_io.ShardWriter, "write_tensor", fill_up)
     with pytest.raises(BadInputError, match="disk filled up"):
-        merge_adapters(smollm2_dir, [adapters["task_a"]], tmp_path / "out", streaming=True)
+        merge_adapters(tiny_model_dir, [tiny_adapters["task_a"]], tmp_path / "out", streaming=True)
     assert nothing_written(tmp_path)
 
 
-def test_failed_verification_writes_nothing(smollm2_dir, adapters, tmp_path):
+def test_failed_verification_writes_nothing(tiny_model_dir, tiny_adapters, tmp_path):
     with pytest.raises(MergeVerificationError, match="nothing was written"):
-        merge_adapters(smollm2_dir, [adapters["task_a"]], tmp_path / "out", dtype="bf16", tolerance=1e-9)
+        merge_adapters(tiny_model_dir, [tiny_adapters["task_a"]], tmp_path / "out", dtype="bf16", tolerance=1e-9)
     assert nothing_written(tmp_path)
 
 
-def test_quantized_base_is_refused(smollm2_dir, adapters, tmp_path):
+def test_quantized_base_is_refused(tiny_model_dir, tiny_adapters, tmp_path):
     base = tmp_path / "base4bit"
     base.mkdir()
-    config = json.loads((smollm2_dir / "config.json").read_text())
+    config = json.loads((tiny_model_dir / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(BadInputError, match="bitsandbytes-quantized"):
-        merge_adapters(base, [adapters["task_a"]], tmp_path / "out")
+        merge_adapters(base, [tiny_adapters["task_a"]], tmp_path / "out")
     assert nothing_written(tmp_path)
 
 
@@ -169,6 +169,7 @@ merge_adapters(sys.argv[1], [sys.argv[2]], sys.argv[3], streaming=True, verify=F
 """
 
 
+@pytest.mark.slow  # needs a base large enough to be written in several shards while the test watches
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_streaming_merge_killed_between_shards_leaves_no_output(smollm2_dir, adapters, tmp_path, sig):
     out = tmp_path / "out"

@@ -86,6 +86,7 @@ def test_a_target_that_appears_meanwhile_is_not_replaced(tmp_path):
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.slow  # a subprocess or a full docs rebuild: the whole suite (CI) runs it
 def test_concurrent_merges_to_one_out_cannot_both_succeed(workspace, tmp_path):
     out = tmp_path / "merged"
     script = (f"import sys; from hf_ftkit.merge.run import merge_adapters\n"

@@ -94,15 +94,15 @@ def test_unknown_command_line_flag_and_bad_value(tmp_path):
     assert load_recipe(path, ["--no_remove_unused_columns"]).training.remove_unused_columns is False
 
 
-def test_output_dir_holding_another_run_is_refused_before_loading_anything(tmp_path, smollm2_dir):
+def test_output_dir_holding_another_run_is_refused_before_loading_anything(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)
     (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(smollm2_dir), output_dir=str(out))
+    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tiny_model_dir), output_dir=str(out))
     with pytest.raises(BadInputError, match="already holds a run; pass --resume"):
         train(load_recipe(path))
     empty = tmp_path / "empty-out"
-    path = write_recipe(tmp_path / "r2.yaml", model_name_or_path=str(smollm2_dir), output_dir=str(empty))
+    path = write_recipe(tmp_path / "r2.yaml", model_name_or_path=str(tiny_model_dir), output_dir=str(empty))
     with pytest.raises(BadInputError, match="holds no checkpoint to resume from"):
         train(load_recipe(path), resume=True)
     with pytest.raises(BadInputError, match="resume_from_checkpoint: .* is not a checkpoint folder"):
@@ -111,11 +111,11 @@ def test_output_dir_holding_another_run_is_refused_before_loading_anything(tmp_p
         train(load_recipe(path, ["--resume_from_checkpoint", "true"]))
 
 
-def test_gpu_recipe_validates_here_but_does_not_start_on_a_cpu_machine(tmp_path, smollm2_dir, monkeypatch):
+def test_gpu_recipe_validates_here_but_does_not_start_on_a_cpu_machine(tmp_path, tiny_model_dir, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever this runs
-    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(smollm2_dir), use_cpu=None, bf16=True)
+    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tiny_model_dir), use_cpu=None, bf16=True)
     recipe = load_recipe(path)
     assert recipe.training.bf16 and not recipe.training.use_cpu
     with pytest.raises(BadInputError, match="add --use_cpu true --bf16 false"):

@@ -62,6 +62,7 @@ def _with_callback(monkeypatch, callback: TrainerCallback) -> None:
     monkeypatch.setattr(run._Run, "make_trainer", make_trainer)
 
 
+@pytest.mark.slow  # a subprocess or a full docs rebuild: the whole suite (CI) runs it
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_sigterm_saves_first_exits_130_and_resume_keeps_the_baseline(tmp_path, tiny_model_dir, monkeypatch,
                                                                        slow_measurements, method):

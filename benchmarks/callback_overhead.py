@@ -33,6 +33,9 @@ from transformers import TrainerCallback
 from hf_ftkit.callbacks.memory import MemoryBudgetCallback
 from hf_ftkit.testing import smollm2_path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from freshness import stamp  # noqa: E402  (a sibling script, not a package)
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 
@@ -153,7 +156,7 @@ def main() -> int:
              "The one-time cost at train begin (planning the run from the model and TrainingArguments) is not in "
              "these step times."]
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "callback_overhead.md").write_text("\n".join(lines) + "\n")
+    (DOCS / "callback_overhead.md").write_text("\n".join([*lines, "", stamp("callback_overhead.md")]) + "\n")
     print("\n".join(lines))
     return 0
 

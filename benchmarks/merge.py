@@ -21,6 +21,9 @@ from pathlib import Path
 
 from hf_ftkit.units import format_bytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from freshness import stamp  # noqa: E402  (a sibling script, not a package)
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 MODELS = {"3b": "meta-llama/Llama-3.2-3B", "8b": "meta-llama/Llama-3.1-8B"}
 RANK = 16
@@ -142,6 +145,10 @@ def stage(args: argparse.Namespace) -> None:
         print(json.dumps({"same": same, "count": count}))
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=tuple(MODELS), default="3b")
@@ -196,13 +203,14 @@ def report(model_id: str, info: dict, adapter_params: int, peft: dict, streaming
         f"- streaming / PEFT wall time: **{time_ratio:.2f}×** (target ≤ 1.0×)",
         f"- output tensors identical: **{'yes' if same else 'NO'}** ({count} tensors compared with `torch.equal`)",
         "",
-        "Command: `python benchmarks/merge.py" + ("" if "3.2-3B" in model_id else " --size 8b") + "`",
+        "Command: `python benchmarks/merge.py" + ("" if "3.2-3B" in model_id else " --size 8b") + "`, at commit "
+        f"`{_commit()}` on {time.strftime('%Y-%m-%d')}.",
         "",
     ]
     text = "\n".join(lines)
     print(text)
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "merge.md").write_text(text)
+    (DOCS / "merge.md").write_text(text.rstrip("\n") + "\n\n" + stamp("merge.md") + "\n")
 
 
 if __name__ == "__main__":

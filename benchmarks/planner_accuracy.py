@@ -29,6 +29,9 @@ from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.states import model_states
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from freshness import stamp  # noqa: E402  (a sibling script, not a package)
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 TARGET_PCT = 8.0
 
@@ -240,7 +243,7 @@ def _write(rows: list[dict], speed: dict, ds: list, acc: list, published: list[d
               "the full plan (bf16-mixed full FT, batch 1 x 2048, fixed costs included).", "",
               "| model | accelerate GiB | hf-ftkit GiB |", "|---|---:|---:|"]
     lines += [f"| {m} | {_gib(t)} | {_gib(o)} |" for m, t, o in acc]
-    (DOCS / "planner.md").write_text("\n".join(lines) + "\n")
+    (DOCS / "planner.md").write_text("\n".join([*lines, "", stamp("planner.md")]) + "\n")
     (DOCS / "planner.json").write_text(json.dumps({"rows": rows, "speed": speed, "published": published}, indent=1)
                                        + "\n")
     _plot(rows)

@@ -21,6 +21,7 @@ import datetime
 import itertools
 import statistics
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from hf_ftkit.planner.allocator import replay
 from hf_ftkit.planner.estimate import estimate
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from freshness import stamp  # noqa: E402  (a sibling script, not a package)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 MODELS = (("Qwen/Qwen2.5-0.5B", "calibration"), ("meta-llama/Llama-3.2-1B", "held out"))
@@ -89,7 +93,7 @@ def _write(rows: list[dict], peft: list[tuple[str, int, int]]) -> None:
     lines += ["", "No GPU was available to this project when this page was generated; the allocator rules follow "
               "PyTorch's documented defaults and have not been checked on a device here.", ""]
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "reserved.md").write_text("\n".join(lines))
+    (DOCS / "reserved.md").write_text("\n".join([*lines, stamp("reserved.md")]) + "\n")
     print("\n".join(lines))
 
 

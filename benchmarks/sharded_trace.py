@@ -25,6 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from freshness import stamp  # noqa: E402  (a sibling script, not a package)
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 MODELS = {
     "llama-4L-32k": {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4,
@@ -123,7 +126,7 @@ def main() -> None:
               "GPU. "
               "DeepSpeed ZeRO-3 is not traced: DeepSpeed is not installed here.", ""]
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "sharded.md").write_text("\n".join(lines))
+    (DOCS / "sharded.md").write_text("\n".join([*lines, stamp("sharded.md")]) + "\n")
     print("\n".join(lines))
 
 

@@ -7,7 +7,9 @@
   measurements themselves is each benchmark script's job).
 
     python scripts/build_docs.py            # regenerate
-    python scripts/build_docs.py --check    # exit 1 if a generated table is out of date (CI)
+    python scripts/build_docs.py --check    # exit 1 if a generated table or a benchmark page is out of date (CI)
+
+A benchmark page is out of date when the code it measured changed after it was written (``scripts/freshness.py``).
 
 The CLI reference is generated during ``mkdocs build`` itself (``scripts/mkdocs_hooks.py``), so it cannot drift.
 """
@@ -19,6 +21,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from freshness import stale_pages  # noqa: E402  (a sibling script, not a package)
 
 from hf_ftkit.cli.compare_cmd import comparison_markdown
 from hf_ftkit.cli.plot import plot_comparison
@@ -75,7 +80,10 @@ def main() -> int:
                            stdout=subprocess.DEVNULL)
     for name in stale:
         print(("out of date: " if args.check else "updated: ") + name)
-    return 1 if args.check and (stale or not recipes_ok) else 0
+    benchmarks = stale_pages()
+    for problem in benchmarks:
+        print("out of date: " + problem)
+    return 1 if args.check and (stale or not recipes_ok or benchmarks) else 0
 
 
 if __name__ == "__main__":

@@ -53,3 +53,25 @@ def test_strict_build_fails_on_a_broken_link_or_reference(tmp_path, breakage):
     result = build(copy, tmp_path / "site")
     assert result.returncode != 0
     assert ("missing.md" if breakage == "link" else "no_such") in result.stderr
+
+
+def test_a_benchmark_page_goes_stale_when_the_code_it_measured_changes(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import freshness
+
+    (tmp_path / "docs" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "bench.py").write_text("print()\n")
+    monkeypatch.setattr(freshness, "ROOT", tmp_path)
+    monkeypatch.setattr(freshness, "PAGES", tmp_path / "docs" / "benchmarks")
+    monkeypatch.setattr(freshness, "MEASURED", {"page.md": ("bench.py", "pkg")})
+    page = tmp_path / "docs" / "benchmarks" / "page.md"
+    page.write_text("# numbers\n")
+    assert "records no measured-code stamp" in freshness.stale_pages()[0]
+    page.write_text("# numbers\n\n" + freshness.stamp("page.md") + "\n")
+    assert freshness.stale_pages() == []
+    (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")
+    assert "changed since; rerun its benchmark" in freshness.stale_pages()[0]
+    (tmp_path / "docs" / "benchmarks" / "other.md").write_text("unlisted\n")
+    assert any("no entry" in p for p in freshness.stale_pages())

@@ -1,19 +1,10 @@
-"""The composition methods ``merge`` offers, as data (importable without torch, for the CLI's parser)."""
+"""The composition methods ``merge`` offers, from ``data/merge_methods.json`` (torch-free, for the CLI parser)."""
 
 from __future__ import annotations
 
-# Our method name -> (PEFT combination_type, exact?). Data, not branches.
+from hf_ftkit._data import load
+
+# Our method name -> (PEFT combination_type, exact?).
 METHODS: dict[str, tuple[str, bool]] = {
-    "exact": ("cat", True),
-    "cat": ("cat", True),
-    "linear": ("linear", False),
-    "svd": ("svd", False),
-    "ties": ("ties", False),
-    "ties_svd": ("ties_svd", False),
-    "dare_linear": ("dare_linear", False),
-    "dare_linear_svd": ("dare_linear_svd", False),
-    "dare_ties": ("dare_ties", False),
-    "dare_ties_svd": ("dare_ties_svd", False),
-    "magnitude_prune": ("magnitude_prune", False),
-    "magnitude_prune_svd": ("magnitude_prune_svd", False),
+    name: (entry["peft"], bool(entry["exact"])) for name, entry in load("merge_methods")["methods"].items()
 }

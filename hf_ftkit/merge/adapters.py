@@ -154,7 +154,12 @@ class Adapter:
             return []
         from peft import LoraConfig
         from peft.tuners.tuners_utils import check_target_module_exists
+        from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
+        if str(self.config.get("target_modules")).lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            # PEFT expands "all-linear" to every linear layer but the output layer when it loads the adapter
+            return sorted(name for name, module in self.modules().items()
+                          if module.kind != "linear" or name.rsplit(".", 1)[-1] == "lm_head")
         fields = LoraConfig.__dataclass_fields__
         try:
             config = LoraConfig(**{k: v for k, v in self.config.items() if k in fields and k != "peft_type"})

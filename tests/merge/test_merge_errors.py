@@ -201,3 +201,22 @@ def test_merge_options_come_in_one_config_or_as_keywords_not_both(tmp_path):
     with pytest.raises(BadInputError, match="--density 2"):
         MergeConfig(density=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_all_linear_config_covers_every_linear_pair_but_the_output_layer(tiny_adapters, tmp_path):
+    import json as _json
+
+    from hf_ftkit.merge.adapters import read_adapter
+
+    copy = tmp_path / "all_linear"
+    shutil.copytree(tiny_adapters["task_a"], copy)
+    config = _json.loads((copy / "adapter_config.json").read_text())
+    config["target_modules"] = "all-linear"  # as a hand-written config says it; PEFT expands it on load
+    (copy / "adapter_config.json").write_text(_json.dumps(config))
+    assert read_adapter(copy).uncovered_modules() == []
+    embed = tmp_path / "embed_all_linear"
+    shutil.copytree(tiny_adapters["embed"], embed)
+    config = _json.loads((embed / "adapter_config.json").read_text())
+    config["target_modules"] = "all-linear"
+    (embed / "adapter_config.json").write_text(_json.dumps(config))
+    assert read_adapter(embed).uncovered_modules() == ["model.embed_tokens"]  # not a linear: PEFT skips it

@@ -252,11 +252,10 @@ def slowdown(method: str) -> dict[str, Any] | None:
 def _composed_slowdown(info: MethodInfo) -> dict[str, Any] | None:
     """No published timing of this adapter on a 4-bit base (QDoRA): the adapter's factor times 4-bit's."""
     adapter = next((m.name for m in registry().values() if m.adapter == info.adapter and not m.quantized_base), None)
-    parts = [slowdown(adapter) if adapter else None, slowdown(quantized_twin("lora").name)]
-    if any(p is None for p in parts):
+    first = slowdown(adapter) if adapter else None
+    second = slowdown(quantized_twin("lora").name)
+    if first is None or second is None:
         return None
-    first, second = parts[0], parts[1]
-    assert first is not None and second is not None
     return {"factor": first["factor"] * second["factor"],
             "range": [first["range"][0] * second["range"][0], first["range"][1] * second["range"][1]],
             "sources": [*first["sources"], *second["sources"]],

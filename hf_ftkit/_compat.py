@@ -13,3 +13,14 @@ def enable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """``TrainingArguments`` keys for non-reentrant checkpointing, under transformers v5's names where they exist."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    prefix = "activation" if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)} else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}

@@ -80,13 +80,14 @@ class Setup:
 
     def training_overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``TrainingArguments`` / ``SFTConfig`` that realise this setup."""
+        from hf_ftkit._compat import checkpointing_args
+
         i = self.inputs
         return {
             "optim": i.optim,
             "per_device_train_batch_size": i.batch_size,
             "gradient_accumulation_steps": i.gradient_accumulation_steps,
-            "gradient_checkpointing": i.gradient_checkpointing,
-            "gradient_checkpointing_kwargs": {"use_reentrant": False} if i.gradient_checkpointing else None,
+            **checkpointing_args(i.gradient_checkpointing),
             "bf16": i.precision.startswith("bf16"),
             "fp16": i.precision == "fp16-mixed",
         }

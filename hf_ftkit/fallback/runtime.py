@@ -1,9 +1,12 @@
 """Runtime fallback: when a real out-of-memory error ends a run, step down the ladder and go on.
 
-A same-method step (smaller micro-batch, more accumulation, checkpointing on) resumes from the last
-checkpoint with optimizer and scheduler state; a step that changes the method, optimizer or
-precision restarts training under the new setup in a fresh sub-directory, so no saved checkpoint
-is ever deleted or overwritten. Non-OOM exceptions propagate untouched.
+A step whose checkpoint the next rung can load resumes from the last checkpoint with optimizer and
+scheduler state: a smaller micro-batch, more accumulation, checkpointing on, or a method whose
+checkpoint holds the same thing (the method table's ``resume_keeps``: a LoRA run goes on as QLoRA
+with its adapter and optimizer states, the base re-loaded in 4 bits). A step that changes what the
+checkpoint holds (full weights to an adapter, LoRA to DoRA), the optimizer, the precision or the
+adapter's shape restarts training under the new setup in a fresh sub-directory, so no saved
+checkpoint is ever deleted or overwritten. Non-OOM exceptions propagate untouched.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ _OOM_MARKERS = (
     "can't allocate memory",  # the CPU allocator
     "cannot allocate memory",
 )
-# Settings whose change invalidates a checkpoint's weights or optimizer state.
-_RESUME_KEYS = ("method", "optim", "precision", "lora_r", "lora_targets", "modules_to_save", "quant_type",
-                "double_quant", "kbit_upcast")
+# Settings whose change invalidates a checkpoint's weights or optimizer state (beyond what the method's
+# checkpoint holds; the 4-bit settings only shape the frozen base, which an adapter checkpoint does not hold).
+_RESUME_KEYS = ("optim", "precision", "lora_r", "lora_targets", "modules_to_save")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -41,8 +44,13 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def can_resume(before: PlanInputs, after: PlanInputs) -> bool:
-    """A checkpoint of ``before`` can continue under ``after`` (only batch shape or checkpointing changed)."""
-    return all(getattr(before, k) == getattr(after, k) for k in _RESUME_KEYS)
+    """A checkpoint of ``before`` can continue under ``after``: both methods' checkpoints hold the same
+    state (the method table's ``resume_keeps``) and only the batch shape, checkpointing or the base's
+    quantization changed."""
+    if before.info.resume_keeps != after.info.resume_keeps:
+        return False
+    keys = _RESUME_KEYS if before.is_peft else ("optim", "precision")  # full FT has no adapter settings
+    return all(getattr(before, k) == getattr(after, k) for k in keys)
 
 
 @dataclass

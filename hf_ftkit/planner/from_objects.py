@@ -150,7 +150,8 @@ def inputs_from_training(
         values["packing"] = bool(getattr(args, "packing", False))
         values["padding_free"] = bool(getattr(args, "padding_free", False))
         values["use_liger_kernel"] = bool(getattr(args, "use_liger_kernel", False))
-        gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+        gc_kwargs = (getattr(args, "activation_checkpointing_kwargs", None)
+                     or getattr(args, "gradient_checkpointing_kwargs", None) or {})
         # TRL's activation_offloading, or transformers' checkpointing with offload (both move the
         # checkpointed inputs to host memory)
         values["activation_offloading"] = bool(getattr(args, "activation_offloading", False)

@@ -263,17 +263,3 @@ def allocator_slack(spec: ModelSpec, inputs: PlanInputs) -> int:
         _cache[key] = max(result.peak_reserved - result.peak_requested, 0)
     return _cache[key]
 
-
-def _with_layers(spec: ModelSpec, layers: int) -> ModelSpec:
-    """``spec`` cut to ``layers`` decoder layers (linear groups scaled in proportion)."""
-    from dataclasses import replace
-
-    from hf_ftkit.planner.spec import LinearGroup
-
-    scale = layers / spec.num_layers
-    linears = tuple(LinearGroup(g.name, g.in_features, g.out_features, max(int(round(g.count * scale)), 1), g.has_bias)
-                    for g in spec.linears)
-    per_layer_rest = (spec.params_total - spec.params_linear - spec.params_embedding - spec.params_lm_head) * scale
-    reduced = replace(spec, num_layers=layers, linears=linears)
-    total = int(reduced.params_linear + spec.params_embedding + spec.params_lm_head + per_layer_rest)
-    return replace(reduced, params_total=total)

@@ -135,7 +135,11 @@ def _write_recipe(run: Any, path: Path) -> None:
     values = dict(run.recipe.values)
     if run.recipe.ftkit.method == "auto":
         values["method"] = run.planned.setup.inputs.method  # what auto chose, so the file reruns the same setup
-        values.update({k: v for k, v in run.planned.setup.training_overrides().items() if v is not None})
+        overrides = run.planned.setup.training_overrides()
+        if "activation_checkpointing" in overrides:  # transformers v5: drop the deprecated names it replaces
+            values.pop("gradient_checkpointing", None)
+            values.pop("gradient_checkpointing_kwargs", None)
+        values.update({k: v for k, v in overrides.items() if v is not None})
     header = (f"# Resolved recipe of this run (from {run.recipe.path} and the command line), written by hf-ftkit.\n"
               f"# Rerun: hf-ftkit train --config {path}\n")
     write_text_atomic(path, header + yaml.safe_dump(values, sort_keys=False))

@@ -204,8 +204,8 @@ def _apply(args: Any, setup: Setup) -> None:
         if key in ("bf16", "fp16") and args.use_cpu:
             continue  # a CPU run keeps the recipe's precision
         setattr(args, key, value)
-        if key.startswith("gradient_checkpointing") and hasattr(args, key.replace("gradient", "activation")):
-            setattr(args, key.replace("gradient", "activation"), value)  # transformers v5's name for it
+        if key.startswith("activation_checkpointing"):  # transformers v5 mirrors the old name only at construction,
+            setattr(args, key.replace("activation", "gradient"), value)  # and TRL still reads the old one
 
 
 def _lora_config(m: Any, inputs: PlanInputs) -> Any:

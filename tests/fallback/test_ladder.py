@@ -86,7 +86,7 @@ def test_setup_yields_the_stack_objects():
     assert isinstance(bnb, BitsAndBytesConfig) and bnb.load_in_4bit and bnb.bnb_4bit_compute_dtype == torch.bfloat16
     assert isinstance(setup.lora_config(), LoraConfig)
     overrides = setup.training_overrides()
-    assert overrides["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert overrides["activation_checkpointing_kwargs"] == {"use_reentrant": False}  # transformers v5's name
     assert overrides["optim"] == setup.inputs.optim
     sharded = choose_setup(MODEL, "12GiB", seq_len=1024, gpus=2, shard="fsdp")
     if sharded.inputs.method == "qlora":

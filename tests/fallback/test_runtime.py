@@ -109,6 +109,36 @@ def test_same_method_fallback_resumes_with_optimizer_state(tiny_model_dir, tmp_p
     assert calls["n"] == 3 + (MAX_STEPS - 2) * 2
 
 
+def test_lora_falls_back_to_qlora_keeping_adapter_and_optimizer(tiny_model_dir, tmp_path, fail_forward):
+    # LoRA and QLoRA checkpoints hold the same adapter and optimizer states (the method table's
+    # resume_keeps): the 4-bit run goes on from step 2 with them instead of starting over
+    calls = fail_forward(torch.OutOfMemoryError("CUDA out of memory"), {3})
+    setup = _setup(tiny_model_dir, PlanInputs(method="lora", batch_size=2, seq_len=32, precision="fp32"),
+                   PlanInputs(method="qlora", batch_size=2, seq_len=32, precision="fp32", compute_dtype="fp32"))
+    trainers: list = []
+    summary = train_with_fallback(_factory(tiny_model_dir, trainers), setup, tmp_path)
+    (event,) = summary.fallbacks
+    assert (event.action, event.after["method"]) == ("resume", "qlora")
+    assert event.resumed_from.endswith("checkpoint-2") and Path(summary.output_dir) == tmp_path
+    saved = torch.load(Path(event.resumed_from) / "optimizer.pt", weights_only=False)
+    resumed = trainers[-1]
+    base = resumed.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(base).__name__ == "Linear4bit"
+    states = resumed.optimizer.state_dict()["state"]
+    assert len(states) == len(saved["state"]) and all(int(s["step"]) == MAX_STEPS for s in states.values())
+    assert resumed.state.global_step == MAX_STEPS
+    assert calls["n"] == 3 + (MAX_STEPS - 2)  # steps 3..6 only: a restart would run all 6 again
+
+
+def test_resume_needs_the_same_checkpoint_contents():
+    lora = PlanInputs(method="lora")
+    assert can_resume(lora, lora.replace(method="qlora", quant_type="fp4", double_quant=True))
+    assert not can_resume(lora, lora.replace(method="dora"))  # DoRA adds magnitude vectors
+    assert not can_resume(lora, lora.replace(method="qlora", lora_r=lora.lora_r * 2))
+    assert not can_resume(PlanInputs(method="full"), lora)
+    assert can_resume(PlanInputs(method="dora"), PlanInputs(method="qdora", gradient_checkpointing=True))
+
+
 def test_non_oom_errors_are_reraised(tiny_model_dir, tmp_path, fail_forward):
     fail_forward(ValueError("bad batch"), {1})
     setup = _setup(tiny_model_dir, PlanInputs(method="full", seq_len=32), PlanInputs(method="lora", seq_len=32))
@@ -138,4 +168,4 @@ def test_oom_detection_and_resume_rules():
     lora = PlanInputs(method="lora")
     assert can_resume(lora, lora.replace(batch_size=1, gradient_checkpointing=True))
     assert not can_resume(lora, lora.replace(optim="paged_adamw_8bit"))
-    assert not can_resume(lora, lora.replace(method="qlora"))
+    assert not can_resume(lora, lora.replace(method="dora"))

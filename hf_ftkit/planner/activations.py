@@ -154,6 +154,33 @@ def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
     return total
 
 
+def backward_transient_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """Gradients in flight inside one layer's backward, on top of what the layer saved, per token.
+
+    The MLP's backward holds the gradients of its intermediates at once (of the product, of act(gate),
+    of up and of gate: four tensors for a gated MLP, two otherwise). An adapted linear adds its branch's
+    input-gradient chain, widest on a linear that reads the intermediate (down_proj): the base path's
+    gradient, the branch's gradient in the compute dtype, its fp32 copy through PEFT's input cast and
+    the dropout's gradient (measured against traced steps of 70B-shaped layers: tests/planner).
+    Full fine-tuning: none on top; its saved-set terms already meet or exceed traced steps with the
+    gradients in flight (they keep more per layer, and the weight gradients are counted as gradients).
+    """
+    if not inputs.is_peft:
+        return 0.0
+    c = compute_bytes(inputs)
+    if spec.is_moe:
+        wide = spec.experts_per_token * spec.moe_intermediate_size + spec.shared_expert_intermediate_size
+    else:
+        wide = spec.intermediate_size
+    transient = (4 if is_gated(spec) else 2) * c * wide
+    a = 4  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+    cast = a if a != c else 0
+    drop = 1 if inputs.lora_dropout > 0 else 0
+    for g in lora_targets(spec, inputs):
+        transient = max(transient, (3 * c + cast + drop * a) * g.in_features)
+    return float(transient)
+
+
 @dataclass(frozen=True)
 class LogitsBytes:
     """Per-token bytes of the vocabulary-sized tensors of the LM head and the loss."""

@@ -130,7 +130,9 @@ def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _S
         g, s, temp = g / n, s / n, temp / n
         buffers = 4.0 * spec.hidden_size**2 if inputs.shard == "zero2" else c * unit
     elif inputs.shard in ("zero3", "fsdp"):
-        w, a, q, g, s, temp = w / n, a / n, q / n, g / n, s / n, temp / n
+        # bitsandbytes keeps a 4-bit weight's constants in its quant_state, neither parameter nor buffer:
+        # FSDP and ZeRO-3 shard the packed weight only, and every rank holds all constants
+        w, a, g, s, temp = w / n, a / n, g / n, s / n, temp / n
         prefetch = load("constants")["fsdp_prefetch_layers"]
         base_unit_bytes = (0.5 if inputs.quantized_base else c) * unit
         # two layers gathered (current + prefetch) plus the root unit's embedding / lm_head
@@ -142,7 +144,7 @@ def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _S
         if inputs.shard in ("zero2", "zero3"):
             g = 0.0  # ZeRO-Offload moves gradient partitions to host memory as well
     if inputs.offload == "params":
-        w, q = 0.0, 0.0
+        w = 0.0  # the packed weights; their quant_state constants stay on the device
     return _Sharded(w, a, q, g, s, temp, buffers, gathered)
 
 
@@ -160,6 +162,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     """Per-device activation bytes at the end of forward and the start of backward."""
     tokens = inputs.batch_size * inputs.seq_len
     layer = act.layer_bytes_per_token(spec, inputs) * tokens + act.layer_constant_bytes(spec, inputs)
+    in_flight = act.backward_transient_bytes_per_token(spec, inputs) * tokens
     logits = act.logits_bytes_per_token(spec, inputs)
     final_norm = act.norm_bytes(spec.hidden_size, inputs, 1) * tokens
     embed_out = act.compute_bytes(inputs) * spec.hidden_size * tokens
@@ -184,9 +187,9 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
         "forward": kept + logits.forward_peak * tokens,
         "forward_cache": cache,
         # the loss's gradients are freed before the first checkpointed layer is recomputed
-        "backward": kept + logits.backward_peak * tokens,
+        "backward": kept + max(logits.backward_peak * tokens, in_flight),
         "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
-        "layer": layer + (kept if inputs.gradient_checkpointing else 0.0),
+        "layer": layer + in_flight + (kept if inputs.gradient_checkpointing else 0.0),
     }
 
 

@@ -10,7 +10,7 @@ allocated peak of rank 0 (both ranks are measured and agree).
 
 What a CPU trace cannot see: NCCL's own communicator buffers (outside PyTorch's allocator) and
 stream-ordering effects of overlapping communication with compute on a GPU. DeepSpeed ZeRO-3 is
-not traced here (DeepSpeed is not installed on this CPU machine).
+traced by ``benchmarks/zero3_trace.py`` on the same shapes.
 
     python benchmarks/sharded_trace.py          # 6 configurations, ~3 min on 2 cores
 """
@@ -123,8 +123,7 @@ def main() -> None:
                      f"{r['planned'] / 2**20:.0f} | {r['error_pct']:+.1f}% |")
     lines += ["", "Not seen by a CPU trace: NCCL communicator buffers (outside PyTorch's allocator; the plan adds "
               "none, so budget a few hundred MiB per GPU for them) and the timing of overlapped communication on a "
-              "GPU. "
-              "DeepSpeed ZeRO-3 is not traced: DeepSpeed is not installed here.", ""]
+              "GPU. DeepSpeed ZeRO-3 on the same shapes: [zero3.md](zero3.md).", ""]
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "sharded.md").write_text("\n".join([*lines, stamp("sharded.md")]) + "\n")
     print("\n".join(lines))

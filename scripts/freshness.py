@@ -21,6 +21,7 @@ MEASURED: dict[str, tuple[str, ...]] = {
     "reserved.md": ("benchmarks/reserved_accuracy.py", "benchmarks/data/published_peaks.json", "hf_ftkit/planner",
                     "hf_ftkit/data"),
     "sharded.md": ("benchmarks/sharded_trace.py", "hf_ftkit/planner", "hf_ftkit/data"),
+    "zero3.md": ("benchmarks/zero3_trace.py", "benchmarks/sharded_trace.py", "hf_ftkit/planner", "hf_ftkit/data"),
     "callback_overhead.md": ("benchmarks/callback_overhead.py", "hf_ftkit/callbacks"),
     "forgetting_overhead.md": ("benchmarks/forgetting_overhead.py", "hf_ftkit/forgetting"),
     "merge.md": ("benchmarks/merge.py", "hf_ftkit/merge"),

@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sharded_trace.py"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["llama-4L-32k", "llama-4L-128k"])
+@pytest.mark.parametrize("model", ["llama-4L-32k"])  # the 128k-vocabulary case is in the benchmark (55 s more)
 def test_fsdp_full_finetuning_plans_within_target_of_a_traced_sharded_step(model):
     spec_ = importlib.util.spec_from_file_location("sharded_trace", SCRIPT)
     bench = importlib.util.module_from_spec(spec_)

@@ -63,8 +63,13 @@ def test_formulas_of_validated_architectures_are_within_8_percent_of_a_trace(mod
         assert estimate(spec, inputs).allocated_peak_bytes == pytest.approx(traced, rel=0.08), changes
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi"])
-@pytest.mark.parametrize("changes", CASES + [{"method": "full", "gradient_checkpointing": True}])
+OTHER_CASES = CASES + [{"method": "full", "gradient_checkpointing": True}]
+# the quick tier plans every case for GPT-2 and one for the other two; the rest run with the slow tier
+OTHER = [pytest.param(m, c, marks=() if m == "gpt2" or i == 1 else pytest.mark.slow)
+         for m in ("gpt2", "falcon", "phi") for i, c in enumerate(OTHER_CASES)]
+
+
+@pytest.mark.parametrize("model_type, changes", OTHER)
 def test_other_architectures_are_planned_from_their_traced_layers(model_type, changes, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
     assert model_type not in VALIDATED

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import stamp  # noqa: E402  (a sibling script, not a package)
-from sharded_trace import MODELS, SHAPES  # noqa: E402
+from sharded_trace import compare  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
@@ -98,21 +98,7 @@ def trace(config: dict, batch_size: int, seq_len: int, gradient_checkpointing: b
 
 
 def main() -> None:
-    from hf_ftkit.planner.estimate import estimate
-    from hf_ftkit.planner.inputs import PlanInputs
-    from hf_ftkit.planner.structure import spec_from_config
-
-    rows = []
-    for name, config in MODELS.items():
-        spec = spec_from_config(config, name)
-        for shape in SHAPES:
-            traced = trace(config, **shape)
-            plan = estimate(spec, PlanInputs(method="full", precision="bf16-mixed", optim="adamw_torch",
-                                             shard="zero3", gpus=2, **shape))
-            error = 100.0 * (plan.allocated_peak_bytes - traced["Total"]) / traced["Total"]
-            rows.append({"model": name, **shape, "traced": traced["Total"], "rank1": traced["rank1_total"],
-                         "planned": plan.allocated_peak_bytes, "error_pct": error})
-            print(rows[-1], flush=True)
+    rows = compare(trace, "zero3")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import deepspeed
 
@@ -129,7 +115,8 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch_size']} x {r['seq_len']} | "
                      f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['traced'] / 2**20:.0f} / "
-                     f"{r['rank1'] / 2**20:.0f} | {r['planned'] / 2**20:.0f} | {r['error_pct']:+.1f}% |")
+                     f"{r['traced_by_category']['rank1_total'] / 2**20:.0f} | {r['planned'] / 2**20:.0f} | "
+                     f"{r['error_pct']:+.1f}% |")
     lines += ["", "Not seen by a CPU trace: NCCL's buffers, DeepSpeed's CUDA-only kernels and pinned host buffers, "
               "and the timing of overlapped communication on a GPU.", ""]
     DOCS.mkdir(parents=True, exist_ok=True)

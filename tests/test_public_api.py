@@ -49,3 +49,12 @@ def test_cli_plan_compare_and_help_import_no_torch_transformers_or_peft(argv):
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-500:]
+
+
+def test_a_json_plan_from_the_catalog_loads_neither_rich_nor_the_hub_download_client():
+    """Both cost more than the plan itself in a cold process (start-up is measured in docs/benchmarks/planner.md)."""
+    code = ("import sys; from hf_ftkit.cli.main import main; main(sys.argv[1:]); "
+            "print(sorted(m for m in ('rich.console', 'huggingface_hub.file_download') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, "plan", "meta-llama/Llama-3.1-405B", "--json"],
+                         capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-500:]

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from hf_ftkit.cli.fields import add_input_flags, input_values, positive_int
 from hf_ftkit.compare.methods import Comparison, MethodRow, compare_methods, gpu_memory_bytes
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.units import format_bytes, format_count, parse_count
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 EXAMPLES = """examples:
   hf-ftkit compare meta-llama/Llama-3.1-8B --gpu h100 --tokens 50M --price-per-gpu-hour 2.5
@@ -145,6 +146,8 @@ def _title(result: Comparison) -> str:
 def comparison_table(result: Comparison) -> Table:
     """The rich table ``hf-ftkit compare`` prints: one column per method, one basis column."""
     headers, lines = comparison_rows(result)
+    from rich.table import Table
+
     table = Table(title=_title(result))
     table.add_column("")
     for header in headers:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from hf_ftkit.units import format_bytes
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_parser(sub: Any) -> None:
@@ -26,6 +26,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
+    from rich.table import Table
+
     table = Table(title="hf-ftkit environment", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from hf_ftkit.cli.fields import positive_int
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXAMPLES = """examples:
   hf-ftkit forgetting --base ./SmolLM2-135M-Instruct --model ./out/adapter --data ./heldout/ --json
@@ -50,6 +50,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(result, indent=2))
         return 0
     cut = f", the last cut to fit --max-tokens {args.max_tokens}" if result["truncated_documents"] else ""
+    from rich.table import Table
+
     table = Table(title=f"Forgetting on {result['documents']} held-out documents ({result['tokens']:,} tokens{cut}, "
                         f"window {result['window']})")
     for column in ("metric", "base", "tuned", "change"):

@@ -12,8 +12,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
-
 from hf_ftkit.errors import BadInputError, HfFtkitError
 
 EXIT_BAD_INPUT = 2
@@ -37,6 +35,30 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"hf-ftkit: error: {message} (see `{self.prog} --help`).\n")
+
+
+class _LazyConsole:
+    """A rich ``Console`` built on first use, so that ``--json`` runs never import rich."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._console: Any = None
+
+    def _real(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._real(), name, value)  # e.g. ``console.width = ...``
 
 
 class _Subcommands:
@@ -94,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_quiet(bool(args.quiet))
     if not getattr(args, "verbose", False):
         _hide_library_noise()
-    console = Console(stderr=False, highlight=False, soft_wrap=False, quiet=bool(args.quiet))
+    console = _LazyConsole(stderr=False, highlight=False, soft_wrap=False, quiet=bool(args.quiet))
     try:
         with warnings.catch_warnings():
             if args.quiet:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from hf_ftkit._progress import byte_progress
 from hf_ftkit.errors import BadInputError
 from hf_ftkit.units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 MERGE_EXAMPLES = """examples:
   hf-ftkit merge ./SmolLM2-135M-Instruct ./adapter --out ./merged --dtype bf16
@@ -120,6 +121,8 @@ def run_merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def _merge_table(data: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"hf-ftkit merge → {data['out']} ({data['mode']})", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -152,6 +155,8 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
+        from rich.table import Table
+
         table = Table(title="LoRA adapters")
         for column in ("adapter", "base", "r", "alpha", "scaling", "DoRA", "targets", "modules_to_save", "params",
                        "size"):

@@ -6,9 +6,7 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from hf_ftkit.cli.fields import add_input_flags, input_values
 from hf_ftkit.errors import BadInputError, HfFtkitWarning
@@ -19,6 +17,9 @@ from hf_ftkit.planner.inputs import (
 )
 from hf_ftkit.planner.resolve import catalog_ids, resolve_model
 from hf_ftkit.planner.suggest import suggest, what_fits
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_DOES_NOT_FIT = 1
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_DOES_NOT_FIT = 1
 EXIT_PREEMPTED = 130  # the CLI's "interrupted" code: a checkpoint was saved, --resume continues

@@ -21,7 +21,7 @@ can fit in a little less than this. Pure Python, no torch.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 
 MIB = 1 << 20
@@ -34,10 +34,11 @@ ROUND_LARGE = 2 * MIB
 
 
 class _Block:
-    __slots__ = ("size", "free", "prev", "next", "small")
+    __slots__ = ("size", "requested", "free", "prev", "next", "small")
 
     def __init__(self, size: int, small: bool) -> None:
         self.size = size
+        self.requested = 0  # bytes the tensor in it asked for, while allocated
         self.free = True
         self.small = small
         self.prev: _Block | None = None
@@ -45,33 +46,31 @@ class _Block:
 
 
 class _Pool:
-    """Free blocks of one pool, found by best fit (the smallest block that is large enough)."""
+    """Free blocks of one pool, found by best fit (the smallest block that is large enough).
+
+    ``sizes`` is the sorted list of distinct sizes that have free blocks; ``groups`` maps a size to its
+    free blocks, oldest first. :class:`CachingAllocator` works on both directly: a replay makes tens of
+    thousands of requests, and a method call per pool operation was most of its time."""
+
+    __slots__ = ("sizes", "groups")
 
     def __init__(self) -> None:
-        self.sizes: list[int] = []  # sorted distinct sizes that have free blocks
-        self.blocks: dict[int, dict[_Block, None]] = {}  # size -> free blocks, oldest first
+        self.sizes: list[int] = []
+        self.groups: dict[int, dict[_Block, None]] = {}
 
     def add(self, block: _Block) -> None:
-        group = self.blocks.get(block.size)
+        group = self.groups.get(block.size)
         if group is None:
-            group = self.blocks[block.size] = {}
-            bisect.insort(self.sizes, block.size)
+            group = self.groups[block.size] = {}
+            insort(self.sizes, block.size)
         group[block] = None
 
     def remove(self, block: _Block) -> None:
-        group = self.blocks[block.size]
+        group = self.groups[block.size]
         del group[block]
         if not group:
-            del self.blocks[block.size]
-            del self.sizes[bisect.bisect_left(self.sizes, block.size)]
-
-    def best_fit(self, size: int) -> _Block | None:
-        i = bisect.bisect_left(self.sizes, size)
-        if i == len(self.sizes):
-            return None
-        block = next(iter(self.blocks[self.sizes[i]]))
-        self.remove(block)
-        return block
+            del self.groups[block.size]
+            del self.sizes[bisect_left(self.sizes, block.size)]
 
 
 def round_size(nbytes: int) -> int:
@@ -102,14 +101,24 @@ class CachingAllocator:
         self.peak_reserved = 0
 
     def malloc(self, key: object, nbytes: int) -> None:
-        size = round_size(nbytes)
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size, inlined
         small = size <= SMALL_SIZE
         pool = self._pools[small]
-        block = pool.best_fit(size)
-        if block is None:
+        sizes = pool.sizes
+        i = bisect_left(sizes, size)
+        if i < len(sizes):  # best fit: the oldest free block of the smallest size that holds the request
+            found = sizes[i]
+            group = pool.groups[found]
+            block = next(iter(group))
+            del group[block]
+            if not group:
+                del pool.groups[found]
+                del sizes[i]
+        else:
             block = _Block(segment_size(size), small)
             self.reserved += block.size
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            if self.reserved > self.peak_reserved:
+                self.peak_reserved = self.reserved
         remaining = block.size - size
         if remaining >= MIN_BLOCK if small else remaining > SMALL_SIZE:
             rest = _Block(remaining, small)
@@ -120,39 +129,48 @@ class CachingAllocator:
             block.size = size
             pool.add(rest)
         block.free = False
+        block.requested = nbytes
         self._live[key] = block
         self.allocated += block.size
         self.requested += nbytes
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
-        self.peak_requested = max(self.peak_requested, self.requested)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+        if self.requested > self.peak_requested:
+            self.peak_requested = self.requested
 
-    def free(self, key: object, nbytes: int) -> None:
+    def requested_by(self, key: object) -> int:
+        """Bytes the live allocation ``key`` asked for."""
+        return self._live[key].requested
+
+    def free(self, key: object) -> None:
         block = self._live.pop(key)
         self.allocated -= block.size
-        self.requested -= nbytes
+        self.requested -= block.requested
         pool = self._pools[block.small]
         block.free = True
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and neighbour.free:
-                pool.remove(neighbour)
-                block.size += neighbour.size
-                if neighbour is block.prev:
-                    block.prev = neighbour.prev
-                    if neighbour.prev is not None:
-                        neighbour.prev.next = block
-                else:
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
+        before, after = block.prev, block.next
+        if before is not None and before.free:  # merge with the free neighbour in the same segment
+            pool.remove(before)
+            block.size += before.size
+            block.prev = before.prev
+            if before.prev is not None:
+                before.prev.next = block
+        if after is not None and after.free:
+            pool.remove(after)
+            block.size += after.size
+            block.next = after.next
+            if after.next is not None:
+                after.next.prev = block
         pool.add(block)
 
 
 def replay(events: Iterable[tuple[object, int, bool]]) -> CachingAllocator:
-    """Replay ``(key, nbytes, is_alloc)`` events; a key is freed with the size it was allocated with."""
+    """Replay ``(key, nbytes, is_alloc)`` events; a free releases what its key allocated (its size is not read)."""
     allocator = CachingAllocator()
+    malloc, free = allocator.malloc, allocator.free
     for key, nbytes, is_alloc in events:
         if is_alloc:
-            allocator.malloc(key, nbytes)
+            malloc(key, nbytes)
         else:
-            allocator.free(key, nbytes)
+            free(key)
     return allocator

@@ -217,8 +217,11 @@ def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
 
 
 def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = None,
-             budget_label: str | None = None) -> Plan:
-    """The analytic plan: per-device peak and its breakdown. Pure arithmetic, no torch."""
+             budget_label: str | None = None, *, slack: bool = True) -> Plan:
+    """The analytic plan: per-device peak and its breakdown. Pure arithmetic, no torch.
+
+    ``slack=False`` leaves out the caching allocator's slack (the replay that is most of a plan's time): its
+    ``peak_bytes`` is then a lower bound of the real plan's, which is what :func:`suggest` ranks by first."""
     states = model_states(spec, inputs)
     sh = shard_states(states, spec, inputs)
     phases = _activation_phases(spec, inputs)
@@ -252,7 +255,7 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
         "logits_loss": logits_part,
         "transient": transient - (sh.gathered if phase != "optimizer" else 0.0),
         "sharding_buffers": sh.persistent_buffers + (sh.gathered if phase != "optimizer" else 0.0),
-        "fragmentation": float(allocator_slack(spec, inputs)),
+        "fragmentation": float(allocator_slack(spec, inputs)) if slack else 0.0,
         "cuda_context": float(constants["cuda_context_bytes"]),
     }
     rounded = {k: int(round(v)) for k, v in breakdown.items()}

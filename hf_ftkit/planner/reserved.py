@@ -19,11 +19,10 @@ from itertools import count
 
 from hf_ftkit._data import load
 from hf_ftkit.planner import activations as act
-from hf_ftkit.planner.allocator import replay
+from hf_ftkit.planner.allocator import CachingAllocator
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
-Event = tuple[object, int, bool]
 _cache: dict[tuple[object, ...], int] = {}
 _MAX_PIECES = 32
 
@@ -73,13 +72,13 @@ def _tensors(spec: ModelSpec, inputs: PlanInputs) -> tuple[list[list[int]], list
 
 
 class _Step:
-    """Builds the allocation events of a run, one device's view."""
+    """Replays a run's allocations through the caching-allocator model as it builds them, one device's view."""
 
     def __init__(self, spec: ModelSpec, inputs: PlanInputs) -> None:
         self.spec, self.inputs = spec, inputs
         self.ids = count()
-        self.live: dict[int, int] = {}
-        self.events: list[Event] = []
+        self.allocator = CachingAllocator()
+        self._malloc, self._free = self.allocator.malloc, self.allocator.free
         self.shards = 1
         if inputs.shard in ("zero3", "fsdp") and inputs.fsdp_strategy != "shard_grad_op":
             self.shards = inputs.gpus if inputs.fsdp_strategy == "hybrid_shard" else inputs.world_size
@@ -92,17 +91,16 @@ class _Step:
 
     def alloc(self, nbytes: float) -> int:
         key = next(self.ids)
-        size = max(int(nbytes), 1)
-        self.live[key] = size
-        self.events.append((key, size, True))
+        self._malloc(key, int(nbytes) if nbytes >= 1 else 1)
         return key
 
     def free(self, key: int) -> None:
-        self.events.append((key, self.live.pop(key), False))
+        self._free(key)
 
     def free_all(self, keys: list[int]) -> None:
+        free = self._free
         for key in keys:
-            self.free(key)
+            free(key)
         keys.clear()
 
     def load_model(self) -> None:
@@ -232,11 +230,11 @@ class _Step:
             self.states_made = True
         temp: list[int] = []
         if info["step_temp"] == "foreach":
-            temp = [self.alloc(self.live[g]) for g in self.grads]
+            temp = [self.alloc(self.allocator.requested_by(g)) for g in self.grads]
         self.free_all(temp)
         self.free_all(self.grads)  # zero_grad(set_to_none=True)
 
-    def run(self) -> list[Event]:
+    def run(self) -> CachingAllocator:
         inputs = self.inputs
         self.load_model()
         lengths = [inputs.seq_len, inputs.seq_len] if inputs.packing else [max(inputs.seq_len // 2, 1), inputs.seq_len]
@@ -244,7 +242,7 @@ class _Step:
             for micro in range(min(inputs.gradient_accumulation_steps, 2)):
                 self.micro_batch(inputs.batch_size * seq, seq, first=micro == 0)
             self.optimizer_step()
-        return self.events
+        return self.allocator
 
 
 def _key(spec: ModelSpec, inputs: PlanInputs) -> tuple[object, ...]:
@@ -259,7 +257,7 @@ def allocator_slack(spec: ModelSpec, inputs: PlanInputs) -> int:
     if key not in _cache:
         if len(_cache) > 512:
             _cache.clear()
-        result = replay(_Step(spec, inputs).run())
+        result = _Step(spec, inputs).run()
         _cache[key] = max(result.peak_reserved - result.peak_requested, 0)
     return _cache[key]
 

@@ -67,10 +67,17 @@ def _cached_config(model: str) -> Path | None:
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return None
-    found = try_to_load_from_cache(model, "config.json")
+    # The cache keeps a repository under "models--{org}--{name}" (huggingface_hub's documented layout). Look
+    # for that folder before importing the download module, which costs more than a whole catalog plan.
+    cache = constants.HF_HUB_CACHE
+    if not (Path(cache) / ("models--" + model.replace("/", "--"))).is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "config.json", cache_dir=cache)
     return Path(found) if isinstance(found, str) else None
 
 

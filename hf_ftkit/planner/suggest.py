@@ -68,22 +68,16 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
     return out
 
 
-def suggest(spec: ModelSpec, plan: Plan, limit: int = 6) -> list[Suggestion]:
-    """Changes that lower the peak, largest saving first; those that make it fit come first."""
-    result = []
-    seen: list[dict[str, object]] = []
-    for label, wanted in _candidates(plan.inputs):
-        changes = {k: v for k, v in wanted.items() if getattr(plan.inputs, k) != v}
-        if not changes or changes in seen:
-            continue  # already so, or the same change under another name
-        seen.append(changes)
-        alt = estimate(spec, plan.inputs.replace(**changes), plan.budget_bytes, plan.budget_label)
-        saves = plan.peak_bytes - alt.peak_bytes
-        if saves > 0:
-            result.append(Suggestion(label, changes, alt.peak_bytes, saves, alt.fits))
-    result.sort(key=lambda s: (not s.fits, -s.saves_bytes))
+def _key(s: Suggestion) -> tuple[bool, int]:
+    return (not s.fits, -s.saves_bytes)
+
+
+def select(result: list[Suggestion], is_peft: bool, limit: int) -> list[Suggestion]:
+    """The suggestions shown, from every candidate that saves memory (in candidate order): largest saving
+    first, those that fit first; a full fine-tune also keeps up to ``KEEP_FULL`` ways that stay full."""
+    result = sorted(result, key=_key)
     chosen = result[:limit]
-    if plan.inputs.is_peft:
+    if is_peft:
         return chosen
     # Ways that keep full fine-tuning (its quality ceiling) are shown even when adapters save more.
     keeping = [s for s in result if "method" not in s.changes and s not in chosen][:KEEP_FULL]
@@ -91,8 +85,57 @@ def suggest(spec: ModelSpec, plan: Plan, limit: int = 6) -> list[Suggestion]:
     extra = keeping[:max(0, KEEP_FULL - kept_already)]
     if extra:
         chosen = chosen[:limit - len(extra)] + extra
-        chosen.sort(key=lambda s: (not s.fits, -s.saves_bytes))
+        chosen.sort(key=_key)
     return chosen
+
+
+def suggest(spec: ModelSpec, plan: Plan, limit: int = 6) -> list[Suggestion]:
+    """Changes that lower the peak, largest saving first; those that make it fit come first.
+
+    A candidate's reserved peak needs the allocator replay, most of a plan's time; its allocated peak does
+    not. The replay's slack is never negative, so the allocated peak bounds what a candidate can save and
+    whether it can fit: candidates are replayed best bound first, and one whose bound cannot reach the list
+    is never replayed. The list is the one :func:`select` gives from every candidate replayed."""
+    found: list[tuple[str, dict[str, object]]] = []
+    for label, wanted in _candidates(plan.inputs):
+        changes = {k: v for k, v in wanted.items() if getattr(plan.inputs, k) != v}
+        if changes and changes not in [c for _, c in found]:  # not already so, nor the same change renamed
+            found.append((label, changes))
+    alternatives = [plan.inputs.replace(**changes) for _, changes in found]
+    bounds = [estimate(spec, alt, plan.budget_bytes, slack=False) for alt in alternatives]
+    exact: dict[int, Suggestion | None] = {}
+
+    def optimistic(i: int) -> tuple[bool, int]:
+        return (bounds[i].fits is not True, bounds[i].peak_bytes - plan.peak_bytes)
+
+    def evaluate(i: int) -> Suggestion | None:
+        if i not in exact:
+            alt = estimate(spec, alternatives[i], plan.budget_bytes, plan.budget_label)
+            saves = plan.peak_bytes - alt.peak_bytes
+            exact[i] = Suggestion(found[i][0], found[i][1], alt.peak_bytes, saves, alt.fits) if saves > 0 else None
+        return exact[i]
+
+    def top(indices: list[int], k: int) -> list[Suggestion]:
+        best: list[Suggestion] = []
+        for i in sorted((i for i in indices if optimistic(i)[1] < 0), key=optimistic):  # bound saves memory
+            if len(best) >= k and optimistic(i) > _key(best[k - 1]):
+                break  # this bound, and every later one, cannot reach the first k
+            suggestion = evaluate(i)
+            if suggestion is not None:
+                best = sorted([*best, suggestion], key=_key)
+        return best[:k]
+
+    def replayed() -> list[Suggestion]:
+        return [s for _, s in sorted(exact.items()) if s is not None]
+
+    top(list(range(len(found))), limit)
+    if not plan.inputs.is_peft:
+        chosen = sorted(replayed(), key=_key)[:limit]  # as select() orders them: ties in candidate order
+        full = [i for i, (_, changes) in enumerate(found) if "method" not in changes]
+        need = KEEP_FULL - sum("method" not in s.changes for s in chosen)
+        if need > 0:
+            top([i for i in full if exact.get(i) not in chosen], need)
+    return select(replayed(), plan.inputs.is_peft, limit)
 
 
 @dataclass(frozen=True)

@@ -264,16 +264,6 @@ def _grouped_mm_bf16_only() -> Iterator[None]:
         moe._can_use_grouped_mm = original
 
 
-@contextmanager
-def _collected_first() -> Iterator[None]:
-    """Start the trace right after collecting the young generations: Python's cycle collector then runs
-    at the same points of every trace (it frees some tensors held in reference cycles, DoRA's among
-    them, as it does during a real step); from wherever its counters stood before, the traced peak
-    varied by ~3% between runs. A full collection would cost ~0.3 s per trace in a large process."""
-    gc.collect(1)
-    yield
-
-
 def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
     """Peak memory of a training step of ``config`` under ``inputs``, traced without allocating.
 
@@ -295,7 +285,12 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
             if not param.requires_grad:
                 tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
         tracker.track_external(model, optimizer)
-        with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only(), _collected_first():
+        with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
+            # Collect the young generations first: Python's cycle collector then runs at the same points of
+            # every trace (it frees some tensors held in reference cycles, DoRA's among them, as it does in a
+            # real step); from wherever its counters stood, the traced peak varied by ~3% between runs. A full
+            # collection would cost ~0.3 s per trace in a large process.
+            gc.collect(1)
             for step in range(steps):
                 # unpacked batches vary in length: the first step is a shorter one, as the reserved model assumes
                 seq = inputs.seq_len if inputs.packing or step else max(inputs.seq_len // 2, 1)

@@ -43,10 +43,10 @@ def test_blocks_in_different_segments_never_merge():
 def test_large_block_is_split_only_when_more_than_one_mib_remains():
     a = CachingAllocator()
     a.malloc("a", 12 * MIB)
-    a.free("a", 12 * MIB)
+    a.free("a")
     a.malloc("b", 11 * MIB + MIB // 2)  # 0.5 MiB would remain: the whole block is handed out
     assert a.allocated == 12 * MIB and a.reserved == 12 * MIB
-    a.free("b", 11 * MIB + MIB // 2)
+    a.free("b")
     a.malloc("c", 4 * MIB)  # 8 MiB remain: split, and the rest serves the next request
     a.malloc("d", 8 * MIB)
     assert a.reserved == 12 * MIB and a.allocated == 12 * MIB

@@ -60,6 +60,20 @@ def test_local_config_path_and_directory(tmp_path: Path, tiny_llama_config):
     assert by_dir.num_layers == 2
 
 
+def test_a_config_in_the_hub_cache_is_read_before_the_catalog(tmp_path: Path, monkeypatch, tiny_llama_config):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(tiny_llama_config))
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model("acme/tiny").num_layers == 2
+    # a catalog model not in this cache still resolves from the catalog
+    assert resolve_model("meta-llama/Llama-3.2-1B").params_total == PUBLISHED["meta-llama/Llama-3.2-1B"]
+
+
 def test_unknown_architecture_not_in_catalog_still_counts_exactly(tmp_path: Path):
     config = {"model_type": "starcoder2", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}

@@ -1,3 +1,5 @@
+import pytest
+
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.estimate import estimate
 from hf_ftkit.planner.inputs import PlanInputs
@@ -68,3 +70,67 @@ def test_suggestions_are_distinct_real_changes():
     changes = [tip.changes for tip in suggest(spec, p, limit=50)]
     assert len(changes) == len({tuple(sorted(c.items())) for c in changes})
     assert all("gradient_checkpointing" not in c for c in changes)  # already on
+
+
+CASES = [
+    ("meta-llama/Llama-3.1-405B", PlanInputs(), None),
+    ("meta-llama/Llama-3.1-8B", PlanInputs(), "24GiB"),
+    ("meta-llama/Llama-3.1-8B", PlanInputs(method="lora", batch_size=4, seq_len=4096), "80GiB"),
+    ("meta-llama/Llama-3.1-70B", PlanInputs(method="lora", batch_size=4), "80GiB"),
+    ("Qwen/Qwen2.5-7B", PlanInputs(precision="fp32", batch_size=8), "h100"),
+    ("Qwen/Qwen2.5-0.5B", PlanInputs(gradient_checkpointing=True, optim="paged_adamw_8bit"), "8GiB"),
+    ("mistralai/Mixtral-8x7B-v0.1", PlanInputs(gpus=8, shard="zero2", batch_size=2), "80GiB"),
+    ("meta-llama/Llama-3.2-3B", PlanInputs(method="qlora", batch_size=16), "16GiB"),
+    ("HuggingFaceTB/SmolLM2-135M", PlanInputs(batch_size=2), "1000GiB"),  # everything fits
+]
+
+
+def _every_candidate_replayed(spec, p):
+    from hf_ftkit.planner.suggest import Suggestion, _candidates, select
+
+    every = []
+    for label, wanted in _candidates(p.inputs):
+        changes = {k: v for k, v in wanted.items() if getattr(p.inputs, k) != v}
+        if not changes or changes in [s.changes for s in every]:
+            continue
+        alt = estimate(spec, p.inputs.replace(**changes), p.budget_bytes)
+        every.append(Suggestion(label, changes, alt.peak_bytes, p.peak_bytes - alt.peak_bytes, alt.fits))
+    return every, select([s for s in every if s.saves_bytes > 0], p.inputs.is_peft, 6)
+
+
+@pytest.mark.parametrize(("model", "inputs", "budget"), CASES, ids=[f"{m}-{b}" for m, _, b in CASES])
+def test_candidates_left_unreplayed_could_not_have_been_shown(model, inputs, budget, monkeypatch):
+    """suggest() replays only candidates whose allocated-peak bound can reach the list; the list must be
+    the one that replaying every candidate gives, with fewer replays on a model where the bounds are far apart."""
+    import hf_ftkit.planner.suggest as suggest_module
+
+    spec = resolve_model(model)
+    p = plan(spec, inputs, budget=budget)
+    every, expected = _every_candidate_replayed(spec, p)
+    replays = []
+    real = suggest_module.estimate
+    monkeypatch.setattr(suggest_module, "estimate",
+                        lambda *a, slack=True, **k: replays.append(slack) or real(*a, slack=slack, **k))
+    assert suggest(spec, p) == expected
+    assert sum(replays) <= len(every)
+    if model.endswith("405B"):
+        assert sum(replays) < len(every) - 2
+
+
+def test_the_pruned_list_matches_replaying_every_candidate_near_the_budget():
+    """Budgets at and around each plan's own peak put candidates on both sides of "fits", where a bound
+    that pruned too much would change the list."""
+    import itertools
+
+    mismatches = []
+    for model, (method, gc, batch) in itertools.product(
+            ("meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-7B", "meta-llama/Llama-3.1-70B"),
+            itertools.product(("full", "lora", "qlora"), (False, True), (1, 4))):
+        spec = resolve_model(model)
+        inputs = PlanInputs(method=method, gradient_checkpointing=gc, batch_size=batch, seq_len=1024)
+        peak = estimate(spec, inputs).peak_bytes
+        for factor in (None, 0.3, 0.6, 0.9):
+            p = plan(spec, inputs, budget=None if factor is None else int(peak * factor))
+            if suggest(spec, p) != _every_candidate_replayed(spec, p)[1]:
+                mismatches.append((model, method, gc, batch, factor))
+    assert not mismatches

@@ -47,8 +47,8 @@ def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_
 @pytest.mark.slow
 def test_demo_recipe_end_to_end_on_smollm2(tmp_path):
     out = tmp_path / "demo"
-    code = main(["train", "--config", str(DEMO), "--output_dir", str(out), "--max_steps", "8", "--eval_steps", "4",
-                 "--save_steps", "4", "--logging_steps", "2", "--forgetting_max_tokens", "1024"])
+    code = main(["train", "--config", str(DEMO), "--output_dir", str(out), "--max_steps", "8", "--eval_steps", "8",
+                 "--save_steps", "8", "--logging_steps", "2", "--forgetting_max_tokens", "1024"])
     assert code == 0
     summary = json.loads((out / "run_summary.json").read_text())
     final = summary["final"]

@@ -49,8 +49,7 @@ class _Pool:
     """Free blocks of one pool, found by best fit (the smallest block that is large enough).
 
     ``sizes`` is the sorted list of distinct sizes that have free blocks; ``groups`` maps a size to its
-    free blocks, oldest first. :class:`CachingAllocator` works on both directly: a replay makes tens of
-    thousands of requests, and a method call per pool operation was most of its time."""
+    free blocks, oldest first."""
 
     __slots__ = ("sizes", "groups")
 
@@ -64,6 +63,20 @@ class _Pool:
             group = self.groups[block.size] = {}
             insort(self.sizes, block.size)
         group[block] = None
+
+    def best_fit(self, size: int) -> _Block | None:
+        """Take out the oldest free block of the smallest size that holds ``size``, if any."""
+        i = bisect_left(self.sizes, size)
+        if i == len(self.sizes):
+            return None
+        found = self.sizes[i]
+        group = self.groups[found]
+        block = next(iter(group))
+        del group[block]
+        if not group:
+            del self.groups[found]
+            del self.sizes[i]
+        return block
 
     def remove(self, block: _Block) -> None:
         group = self.groups[block.size]
@@ -101,20 +114,11 @@ class CachingAllocator:
         self.peak_reserved = 0
 
     def malloc(self, key: object, nbytes: int) -> None:
-        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size, inlined
+        size = round_size(nbytes)
         small = size <= SMALL_SIZE
         pool = self._pools[small]
-        sizes = pool.sizes
-        i = bisect_left(sizes, size)
-        if i < len(sizes):  # best fit: the oldest free block of the smallest size that holds the request
-            found = sizes[i]
-            group = pool.groups[found]
-            block = next(iter(group))
-            del group[block]
-            if not group:
-                del pool.groups[found]
-                del sizes[i]
-        else:
+        block = pool.best_fit(size)
+        if block is None:
             block = _Block(segment_size(size), small)
             self.reserved += block.size
             if self.reserved > self.peak_reserved:

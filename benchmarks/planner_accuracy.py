@@ -242,7 +242,8 @@ def _write(rows: list[dict], speed: dict, ds: list, acc: list, published: list[d
               "![planned vs traced peak](planner.png)", "",
               "## Speed", "",
               f"Cold processes, median of {COLD_RUNS} alternating runs each, measured in this one run:", "",
-              f"- `hf-ftkit plan meta-llama/Llama-3.1-405B --json`: **{speed['cold_405b_s']:.2f} s** wall;",
+              f"- `hf-ftkit plan meta-llama/Llama-3.1-405B --json` (run as `python -m hf_ftkit.cli.main`): "
+              f"**{speed['cold_405b_s']:.2f} s** wall;",
               f"- `python -c \"import torch\"`: {speed['import_torch_s']:.2f} s, so the plan takes "
               f"**{speed['ratio_to_torch']:.2f}×** of it (target ≤ 0.25×);",
               f"- `python -c \"import torch, transformers, peft\"`: {speed['import_stack_s']:.2f} s, so "

@@ -20,6 +20,15 @@ def compute_bytes(inputs: PlanInputs) -> int:
     return 4 if inputs.precision == "fp32" else 2
 
 
+def stream_bytes(inputs: PlanInputs) -> int:
+    """Bytes per element of the residual stream and of what stays in its dtype: norm outputs, a 4-bit linear's
+    output (bitsandbytes returns it in its input's dtype) and the MLP intermediates built from them.
+
+    prepare_model_for_kbit_training upcasts the embeddings and norms of a quantized base to fp32, so the stream
+    is fp32 although autocast still runs the attention and the adapters in the compute dtype."""
+    return 4 if inputs.kbit_upcast and inputs.quantized_base else compute_bytes(inputs)
+
+
 def fp32_master(inputs: PlanInputs) -> bool:
     """Full fine-tuning with fp32 weights under autocast (bf16-/fp16-mixed)."""
     return not inputs.is_peft and inputs.precision.endswith("-mixed")
@@ -102,10 +111,11 @@ def _mlp_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         shared = (4 if full else 3) * c * spec.shared_expert_intermediate_size
         return router + k * per_expert_token + shared
     i = spec.intermediate_size
+    s = stream_bytes(inputs)
     if is_gated(spec):
         tensors = 2 if inputs.use_liger_kernel else (4 if full else 3)
-        return tensors * c * i
-    return (2 if full else 1) * c * i
+        return tensors * s * i
+    return (2 if full else 1) * s * i
 
 
 def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
@@ -172,7 +182,7 @@ def backward_transient_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> f
         wide = spec.experts_per_token * spec.moe_intermediate_size + spec.shared_expert_intermediate_size
     else:
         wide = spec.intermediate_size
-    transient = (4 if is_gated(spec) else 2) * c * wide
+    transient = (4 if is_gated(spec) else 2) * stream_bytes(inputs) * wide
     a = 4  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
     cast = a if a != c else 0
     drop = 1 if inputs.lora_dropout > 0 else 0
@@ -205,7 +215,7 @@ def logits_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> LogitsBytes:
 
 def checkpoint_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
     """What a checkpointed layer keeps: its input hidden state."""
-    return (4 if (fp32_master(inputs) or compute_bytes(inputs) == 4) else 2) * spec.hidden_size
+    return (4 if fp32_master(inputs) else stream_bytes(inputs)) * spec.hidden_size
 
 
 def attention_mask_bytes(inputs: PlanInputs) -> float:

@@ -165,7 +165,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     in_flight = act.backward_transient_bytes_per_token(spec, inputs) * tokens
     logits = act.logits_bytes_per_token(spec, inputs)
     final_norm = act.norm_bytes(spec.hidden_size, inputs, 1) * tokens
-    embed_out = act.compute_bytes(inputs) * spec.hidden_size * tokens
+    embed_out = act.stream_bytes(inputs) * spec.hidden_size * tokens
     mask = act.attention_mask_bytes(inputs)
     n = spec.num_layers
     if inputs.gradient_checkpointing:
@@ -183,11 +183,16 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     cache = 0.0
     if act.fp32_master(inputs) and inputs.shard in ("none", "ddp"):
         cache = 2.0 * (spec.params_linear + spec.params_lm_head + (spec.params_embedding if spec.tie_embeddings else 0))
+    # An fp32 LM head (upcast by prepare_model_for_kbit_training) runs under autocast through a bf16 copy of
+    # its weight, which the linear keeps for the gradient of its input until the backward reaches it.
+    head_cast = 0.0
+    if act.stream_bytes(inputs) != act.compute_bytes(inputs):
+        head_cast = act.compute_bytes(inputs) * (spec.params_lm_head or spec.params_embedding)
     return {
-        "forward": kept + logits.forward_peak * tokens,
+        "forward": kept + logits.forward_peak * tokens + head_cast,
         "forward_cache": cache,
         # the loss's gradients are freed before the first checkpointed layer is recomputed
-        "backward": kept + max(logits.backward_peak * tokens, in_flight),
+        "backward": kept + max(logits.backward_peak * tokens, in_flight) + head_cast,
         "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
         "layer": layer + in_flight + (kept if inputs.gradient_checkpointing else 0.0),
     }

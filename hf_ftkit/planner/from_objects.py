@@ -61,6 +61,14 @@ def _model_dtype(model: Any) -> str | None:
     return from_torch(dtype) if dtype is not None else None
 
 
+def _fp32_unquantized(model: Any) -> bool:
+    """The model keeps its non-quantized weights in fp32: loaded in fp32, or upcast by
+    ``prepare_model_for_kbit_training``. Its input embeddings tell (bitsandbytes never quantizes them)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    return str(getattr(getattr(embeddings, "weight", None), "dtype", "")) == "torch.float32"
+
+
 def _deepspeed(args: Any) -> tuple[str, str]:
     config = getattr(args, "deepspeed", None)
     if not config:
@@ -138,6 +146,7 @@ def inputs_from_training(
         values["double_quant"] = bool(bnb_config.bnb_4bit_use_double_quant)
         values["compute_dtype"] = from_torch(bnb_config.bnb_4bit_compute_dtype) or "fp32"
         values["quant_storage"] = from_torch(bnb_config.bnb_4bit_quant_storage) or "uint8"
+        values["kbit_upcast"] = _fp32_unquantized(model)
     values["method"] = method
     if args is not None:
         values["batch_size"] = int(args.per_device_train_batch_size)

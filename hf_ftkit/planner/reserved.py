@@ -35,6 +35,7 @@ def _tensors(spec: ModelSpec, inputs: PlanInputs) -> tuple[list[list[int]], list
     extra: list[int] = []
     peft = inputs.is_peft
     base = 2 if inputs.precision != "fp32" else 4
+    unquantized = 4 if inputs.kbit_upcast and inputs.quantized_base else base  # prepare_model_for_kbit_training
     targets = {g.name for g in act.lora_targets(spec, inputs)}
     for g in spec.linears:
         numel = g.in_features * g.out_features
@@ -55,14 +56,14 @@ def _tensors(spec: ModelSpec, inputs: PlanInputs) -> tuple[list[list[int]], list
         norms = spec.norms_per_layer * spec.hidden_size
         other = [spec.hidden_size] * spec.norms_per_layer + [max(rest // n - norms, 0)]
         if peft:
-            frozen.extend(base * p for p in other if p)
+            frozen.extend(unquantized * p for p in other if p)
         else:
             layer.extend(p for p in other if p)
     for head in (spec.params_embedding, spec.params_lm_head):
         if head and not peft:
             extra.append(head)
         elif head:
-            frozen.append(base * head)
+            frozen.append(unquantized * head)
     saved = set(inputs.modules_to_save)
     if peft and saved & {"embed_tokens", "wte", "embeddings"}:
         extra.append(spec.params_embedding)
@@ -121,7 +122,7 @@ class _Step:
 
     def _cut_layer(self, tokens: int) -> list[float]:
         spec, inputs = self.spec, self.inputs
-        c = act.compute_bytes(inputs)
+        c = act.stream_bytes(inputs)
         total = act.layer_bytes_per_token(spec, inputs) * tokens + act.layer_constant_bytes(spec, inputs)
         sizes: list[float] = []
         if not spec.is_moe:
@@ -141,7 +142,7 @@ class _Step:
         spec, inputs = self.spec, self.inputs
         c = act.compute_bytes(inputs)
         gc = inputs.gradient_checkpointing
-        hidden = c * tokens * spec.hidden_size
+        hidden = act.stream_bytes(inputs) * tokens * spec.hidden_size
         mask = [self.alloc(act.attention_mask_bytes(inputs.replace(seq_len=seq)))]
         gathered_bytes = c * spec.params_largest_layer if self.shards > 1 else 0.0
         saved: list[list[int]] = []
@@ -192,6 +193,9 @@ class _Step:
         if not act.logits_bytes_per_token(spec, inputs).forward_peak:
             return  # fused linear cross-entropy: chunks only
         c, v = act.compute_bytes(inputs), spec.vocab_size * tokens
+        # an upcast fp32 LM head computes through a low-precision copy of its weight, kept for its backward
+        head_cast = [self.alloc(c * (spec.params_lm_head or spec.params_embedding))] if act.stream_bytes(
+            inputs) != c else []
         logits = self.alloc(c * v)
         softcap = [self.alloc(c * v)] if spec.final_logit_softcapping else []
         upcast = self.alloc(4 * v) if c != 4 else None
@@ -205,6 +209,7 @@ class _Step:
         grad_logits = self.alloc(c * v) if c != 4 else None
         self.free(grad_upcast)
         self.free_all(softcap)
+        self.free_all(head_cast)
         if grad_logits is not None:
             self.free(grad_logits)
 

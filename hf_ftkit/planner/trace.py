@@ -138,7 +138,11 @@ def _make_4bit_class() -> Any:
                     quant_type=self._quant_type, dtype=self._compute,
                 )
             weight = self.weight.view(torch.uint8) if self.weight.dtype != torch.uint8 else self.weight
-            return bnb.matmul_4bit(x.to(self._compute), weight.t(), bias=self.bias, quant_state=qs)
+            # like bnb.nn.Linear4bit: compute in the compute dtype, return in the input's dtype (fp32 after
+            # prepare_model_for_kbit_training's upcast)
+            bias = None if self.bias is None else self.bias.to(self._compute)  # bnb casts an upcast bias back
+            out = bnb.matmul_4bit(x.to(self._compute), weight.t(), bias=bias, quant_state=qs)
+            return out.to(x.dtype)
 
     return Fake4bitLinear
 

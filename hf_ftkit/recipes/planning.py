@@ -65,6 +65,7 @@ def recipe_inputs(recipe: Recipe, spec: ModelSpec, hardware: Hardware | None) ->
         changes["lora_targets"] = ",".join(DEFAULTS.get(spec.model_type, ["q_proj", "v_proj"]))
     loaded = "bf16" if str(m.dtype) in HALF else "fp32"
     changes["precision"] = plan_precision(inputs.method, bool(t.bf16), bool(t.fp16), loaded)
+    changes["kbit_upcast"] = loaded == "fp32"  # a 4-bit base's unquantized weights (embeddings, norms) stay fp32
     if f.shard:
         changes["shard"] = f.shard
     elif gpus * nodes > 1 and inputs.shard == "none":

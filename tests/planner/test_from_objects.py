@@ -36,6 +36,18 @@ def test_lora_and_bnb_configs_become_qlora(tmp_path):
     assert (inputs.optim, inputs.batch_size, inputs.seq_len) == ("paged_adamw_8bit", 2, 4096)
 
 
+def test_fp32_embeddings_of_a_quantized_model_mean_an_fp32_stream(tiny_llama_config):
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config), dtype=torch.bfloat16)
+    bnb, lora = BitsAndBytesConfig(load_in_4bit=True), LoraConfig(r=8, target_modules="all-linear")
+    assert not inputs_from_training(None, lora, bnb, model).kbit_upcast
+    model.get_input_embeddings().float()  # what prepare_model_for_kbit_training does to every unquantized weight
+    assert inputs_from_training(None, lora, bnb, model).kbit_upcast
+    assert not inputs_from_training(None, lora, None, model).kbit_upcast  # a bf16/fp32 base is not "upcast"
+
+
 def test_bnb_without_lora_is_refused():
     from transformers import BitsAndBytesConfig
 
@@ -105,3 +117,14 @@ def test_recipes_use_the_same_precision_rule(tmp_path):
                                           dtype=dtype, bf16=bf16))
         loaded = "bf16" if dtype == "bfloat16" else "fp32"
         assert plan_recipe(recipe).setup.inputs.precision == plan_precision("lora", bf16, False, loaded)
+
+
+def test_a_recipe_loading_a_4bit_base_in_fp32_keeps_an_fp32_stream(tmp_path):
+    from hf_ftkit.recipes.loading import load_recipe
+    from hf_ftkit.recipes.planning import plan_recipe
+    from tests.recipes.conftest import write_recipe
+
+    for dtype, upcast in (("float32", True), ("bfloat16", False)):
+        recipe = load_recipe(write_recipe(tmp_path / f"{dtype}.yaml", model_name_or_path="Qwen/Qwen2.5-0.5B",
+                                          dtype=dtype, bf16=True, load_in_4bit=True, method="qlora"))
+        assert plan_recipe(recipe).setup.inputs.kbit_upcast is upcast

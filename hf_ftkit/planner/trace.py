@@ -94,9 +94,11 @@ def _make_4bit_class() -> Any:
     class Fake4bitLinear(torch.nn.Module):
         """Memory stand-in for ``bnb.nn.Linear4bit``: packed 4-bit weight + absmax, real bnb matmul."""
 
-        def __init__(self, linear: torch.nn.Linear, inputs: PlanInputs, block: int) -> None:
+        def __init__(self, linear: torch.nn.Module, inputs: PlanInputs, block: int) -> None:
             super().__init__()
             out_f, in_f = linear.weight.shape
+            if not isinstance(linear, torch.nn.Linear):  # transformers' Conv1D (GPT-2) stores (in, out)
+                in_f, out_f = out_f, in_f
             self.in_features, self.out_features = in_f, out_f
             storage = to_torch(inputs.quant_storage)
             packed = (out_f * in_f + 1) // 2 // storage.itemsize
@@ -148,7 +150,8 @@ def _make_4bit_class() -> Any:
 
 
 def _quantize_linears(model: Any, inputs: PlanInputs) -> None:
-    """Replace every decoder nn.Linear (LoRA base layers included) by the 4-bit stand-in."""
+    """Replace every decoder nn.Linear and Conv1D (LoRA base layers included) by the 4-bit stand-in, as
+    transformers' bitsandbytes integration does."""
     import torch
 
     from hf_ftkit._data import load
@@ -158,7 +161,8 @@ def _quantize_linears(model: Any, inputs: PlanInputs) -> None:
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child is not head and not _is_adapter(name):
+            linear = type(child) is torch.nn.Linear or type(child).__name__ == "Conv1D"
+            if linear and child is not head and not _is_adapter(name):
                 setattr(parent, name, fake_cls(child, inputs, block))
 
 

@@ -93,3 +93,13 @@ def test_kbit_upcast_is_traced_and_planned_alike(tiny_llama_config, tiny_llama_s
     plain = trace_step(config_from_dict(dict(tiny_llama_config)), inputs.replace(kbit_upcast=False))
     assert traced.by_category["PARAM"] > plain.by_category["PARAM"]
     assert estimate(tiny_llama_spec, inputs).allocated_peak_bytes == pytest.approx(traced.peak_bytes, rel=TOLERANCE)
+
+
+def test_gpt2_conv1d_layers_are_4bit_in_the_trace():
+    """transformers' bitsandbytes integration quantizes Conv1D layers too; the tracer's stand-in must follow,
+    or a GPT-2 QLoRA plan (traced layers) keeps its decoder weights in bf16."""
+    config = dict(model_type="gpt2", n_embd=256, n_layer=2, n_head=8, vocab_size=4096, n_positions=512)
+    params = {method: trace_step(config_from_dict(dict(config)), PlanInputs(method=method, seq_len=64))
+              .by_category["PARAM"] for method in ("lora", "qlora")}
+    linear = spec_from_config(config, "gpt2").params_linear
+    assert params["lora"] - params["qlora"] == pytest.approx(1.5 * linear, rel=0.05)  # 2 bytes -> 0.5 + constants

@@ -61,6 +61,16 @@ def _model_dtype(model: Any) -> str | None:
     return from_torch(dtype) if dtype is not None else None
 
 
+def default_lora_targets(model_type: str | None) -> str:
+    """The modules PEFT wraps for a ``LoraConfig`` without ``target_modules``: its per-architecture default."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if model_type not in DEFAULTS:  # PEFT itself refuses such a config
+        raise BadInputError(f"the LoraConfig names no target_modules and PEFT has no default for model type "
+                            f"{model_type or 'unknown'}; set target_modules (e.g. 'all-linear').")
+    return ",".join(DEFAULTS[model_type])
+
+
 def _fp32_unquantized(model: Any) -> bool:
     """The model keeps its non-quantized weights in fp32: loaded in fp32, or upcast by
     ``prepare_model_for_kbit_training``. Its input embeddings tell (bitsandbytes never quantizes them)."""
@@ -123,16 +133,21 @@ def training_args(args: Any) -> Any:
 
 def inputs_from_training(
     args: Any = None, lora_config: Any = None, bnb_config: Any = None, model: Any = None,
-    seq_len: int | None = None, world_size: int | None = None,
+    seq_len: int | None = None, world_size: int | None = None, model_type: str | None = None,
 ) -> PlanInputs:
-    """A ``PlanInputs`` describing exactly the run these objects configure."""
+    """A ``PlanInputs`` describing exactly the run these objects configure (``model_type`` picks PEFT's default
+    targets for a ``LoraConfig`` without ``target_modules``; read from ``model.config`` when not given)."""
     args = training_args(args)
     values: dict[str, Any] = {}
     method = "full"
     if lora_config is not None:
         method = "dora" if getattr(lora_config, "use_dora", False) else "lora"
         targets = lora_config.target_modules
-        values["lora_targets"] = targets if isinstance(targets, str) else ",".join(sorted(targets or []))
+        if not targets:
+            model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
+            values["lora_targets"] = default_lora_targets(model_type)
+        else:
+            values["lora_targets"] = targets if isinstance(targets, str) else ",".join(sorted(targets))
         values["lora_r"] = int(lora_config.r)
         values["lora_dropout"] = float(lora_config.lora_dropout)
         values["modules_to_save"] = tuple(lora_config.modules_to_save or ())
@@ -207,5 +222,6 @@ def plan_from_training(
         >>> p = plan_from_training("meta-llama/Llama-3.1-8B", {"per_device_train_batch_size": 4, "max_length": 2048},
         ...                        LoraConfig(r=16, target_modules="all-linear"), budget="24GiB")
     """
-    inputs = inputs_from_training(args, lora_config, bnb_config, model, seq_len, world_size)
-    return plan(_spec_of(model), inputs, budget=budget)
+    spec = _spec_of(model)
+    inputs = inputs_from_training(args, lora_config, bnb_config, model, seq_len, world_size, spec.model_type)
+    return plan(spec, inputs, budget=budget)

@@ -19,7 +19,7 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from hf_ftkit._compat import enable_checkpointing
 from hf_ftkit._dtypes import to_torch
@@ -96,7 +96,7 @@ def _make_4bit_class() -> Any:
 
         def __init__(self, linear: torch.nn.Module, inputs: PlanInputs, block: int) -> None:
             super().__init__()
-            out_f, in_f = linear.weight.shape
+            out_f, in_f = cast(torch.Tensor, linear.weight).shape
             if not isinstance(linear, torch.nn.Linear):  # transformers' Conv1D (GPT-2) stores (in, out)
                 in_f, out_f = out_f, in_f
             self.in_features, self.out_features = in_f, out_f
@@ -111,7 +111,7 @@ def _make_4bit_class() -> Any:
                 self.register_buffer("absmax2", torch.empty(-(-blocks // 256), dtype=torch.float32, device="meta"))
             else:
                 self.register_buffer("absmax", torch.empty(blocks, dtype=torch.float32, device="meta"))
-            self.bias = linear.bias
+            self.bias = cast("torch.Tensor | None", linear.bias)
             self._shape = (out_f, in_f)
             self._block = block
             self._quant_type = inputs.quant_type

@@ -57,12 +57,9 @@ def recipe_inputs(recipe: Recipe, spec: ModelSpec, hardware: Hardware | None) ->
         lora = get_peft_config(m)
         quant = get_quantization_config(m)
     gpus, nodes = (hardware.gpus, hardware.nodes) if hardware and hardware.gpu else (1, 1)
-    inputs = inputs_from_training(t, lora, quant, seq_len=t.max_length or 1024, world_size=gpus)
+    inputs = inputs_from_training(t, lora, quant, seq_len=t.max_length or 1024, world_size=gpus,
+                                  model_type=spec.model_type)
     changes: dict[str, Any] = {"nodes": nodes, "gpus": gpus}
-    if lora is not None and getattr(lora, "target_modules", None) is None:  # PEFT's per-architecture default targets
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-        changes["lora_targets"] = ",".join(DEFAULTS.get(spec.model_type, ["q_proj", "v_proj"]))
     loaded = "bf16" if str(m.dtype) in HALF else "fp32"
     changes["precision"] = plan_precision(inputs.method, bool(t.bf16), bool(t.fp16), loaded)
     changes["kbit_upcast"] = loaded == "fp32"  # a 4-bit base's unquantized weights (embeddings, norms) stay fp32

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_ftkit.errors import BadInputError
+from hf_ftkit.errors import BadInputError, HfFtkitWarning
 from hf_ftkit.planner.from_objects import inputs_from_training, plan_from_training
 
 
@@ -41,11 +41,24 @@ def test_fp32_embeddings_of_a_quantized_model_mean_an_fp32_stream(tiny_llama_con
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config), dtype=torch.bfloat16)
-    bnb, lora = BitsAndBytesConfig(load_in_4bit=True), LoraConfig(r=8, target_modules="all-linear")
+    bnb, lora = BitsAndBytesConfig(load_in_4bit=True), LoraConfig(r=8)
     assert not inputs_from_training(None, lora, bnb, model).kbit_upcast
     model.get_input_embeddings().float()  # what prepare_model_for_kbit_training does to every unquantized weight
     assert inputs_from_training(None, lora, bnb, model).kbit_upcast
     assert not inputs_from_training(None, lora, None, model).kbit_upcast  # a bf16/fp32 base is not "upcast"
+
+
+def test_a_lora_config_without_targets_plans_peft_default_targets(tiny_llama_config):
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config), dtype=torch.bfloat16)
+    assert inputs_from_training(None, LoraConfig(r=8), model=model).lora_targets == "q_proj,v_proj"  # PEFT's llama
+    with pytest.warns(HfFtkitWarning, match="traced with 1 and 2 decoder layers"):
+        planned = plan_from_training("openai-community/gpt2", None, LoraConfig(r=8), seq_len=128)
+    assert planned.inputs.lora_targets == "c_attn"  # read from the resolved model's type
+    with pytest.raises(BadInputError, match="no default for model type phi3"):  # as PEFT refuses it
+        plan_from_training("microsoft/Phi-3-mini-4k-instruct", None, LoraConfig(r=8), seq_len=128)
 
 
 def test_bnb_without_lora_is_refused():

@@ -153,7 +153,9 @@ def _published_lines(rows: list[dict]) -> list[str]:
              "Points, sources and configurations: `benchmarks/data/published_peaks.json`. The plan's figure is the one "
              "matching each counter (allocated peak for `max_memory_allocated`, reserved peak for reserved readings). "
              "`hf` points run transformers (+ PEFT), which is what hf-ftkit plans; `litgpt` points run LitGPT's own "
-             "model code and are reported apart; `(not fully stated)` points lack the counter or part of the setup "
+             "model code and are reported apart; `ms-swift` points run ModelScope's trainer (transformers + PEFT under "
+             "its own defaults and data: the maximum reserved reading of a whole run) and are reported apart too; "
+             "`(not fully stated)` points lack the counter or part of the setup "
              "(`fully_known: false`; the no-under-prediction target is for fully known runs). No constant has been "
              "fitted to either split.", "",
              "| point | stack | split | counter | GPU | measured GB | planned GB | error |",

@@ -29,6 +29,14 @@ def stream_bytes(inputs: PlanInputs) -> int:
     return 4 if inputs.kbit_upcast and inputs.quantized_base else compute_bytes(inputs)
 
 
+def head_cast_bytes(spec: ModelSpec, inputs: PlanInputs) -> int:
+    """An fp32 LM head (upcast by prepare_model_for_kbit_training) runs under autocast through a low-precision
+    copy of its weight, which the linear keeps for the gradient of its input until the backward reaches it."""
+    if stream_bytes(inputs) == compute_bytes(inputs):
+        return 0
+    return compute_bytes(inputs) * (spec.params_lm_head or spec.params_embedding)
+
+
 def fp32_master(inputs: PlanInputs) -> bool:
     """Full fine-tuning with fp32 weights under autocast (bf16-/fp16-mixed)."""
     return not inputs.is_peft and inputs.precision.endswith("-mixed")

@@ -183,11 +183,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     cache = 0.0
     if act.fp32_master(inputs) and inputs.shard in ("none", "ddp"):
         cache = 2.0 * (spec.params_linear + spec.params_lm_head + (spec.params_embedding if spec.tie_embeddings else 0))
-    # An fp32 LM head (upcast by prepare_model_for_kbit_training) runs under autocast through a bf16 copy of
-    # its weight, which the linear keeps for the gradient of its input until the backward reaches it.
-    head_cast = 0.0
-    if act.stream_bytes(inputs) != act.compute_bytes(inputs):
-        head_cast = act.compute_bytes(inputs) * (spec.params_lm_head or spec.params_embedding)
+    head_cast = act.head_cast_bytes(spec, inputs)
     return {
         "forward": kept + logits.forward_peak * tokens + head_cast,
         "forward_cache": cache,

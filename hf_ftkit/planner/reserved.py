@@ -35,7 +35,7 @@ def _tensors(spec: ModelSpec, inputs: PlanInputs) -> tuple[list[list[int]], list
     extra: list[int] = []
     peft = inputs.is_peft
     base = 2 if inputs.precision != "fp32" else 4
-    unquantized = 4 if inputs.kbit_upcast and inputs.quantized_base else base  # prepare_model_for_kbit_training
+    unquantized = act.stream_bytes(inputs)  # fp32 after prepare_model_for_kbit_training
     targets = {g.name for g in act.lora_targets(spec, inputs)}
     for g in spec.linears:
         numel = g.in_features * g.out_features
@@ -193,9 +193,8 @@ class _Step:
         if not act.logits_bytes_per_token(spec, inputs).forward_peak:
             return  # fused linear cross-entropy: chunks only
         c, v = act.compute_bytes(inputs), spec.vocab_size * tokens
-        # an upcast fp32 LM head computes through a low-precision copy of its weight, kept for its backward
-        head_cast = [self.alloc(c * (spec.params_lm_head or spec.params_embedding))] if act.stream_bytes(
-            inputs) != c else []
+        cast = act.head_cast_bytes(spec, inputs)  # an upcast fp32 LM head's low-precision weight copy
+        head_cast = [self.alloc(cast)] if cast else []
         logits = self.alloc(c * v)
         softcap = [self.alloc(c * v)] if spec.final_logit_softcapping else []
         upcast = self.alloc(4 * v) if c != 4 else None

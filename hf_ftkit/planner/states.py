@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hf_ftkit._data import load
-from hf_ftkit.planner.activations import lora_targets
+from hf_ftkit.planner.activations import lora_targets, stream_bytes
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
@@ -95,7 +95,7 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     if inputs.quantized_base:
         quantized = spec.params_linear
         other = spec.params_total - quantized
-        other_bytes = 4 if inputs.kbit_upcast else base_bytes
+        other_bytes = stream_bytes(inputs)  # fp32 after prepare_model_for_kbit_training
         weights = quantized / 2 + other_bytes * other
         block = load("constants")["nf4_block"]
         blocks = quantized / block

@@ -153,6 +153,7 @@ def _quantize_linears(model: Any, inputs: PlanInputs) -> None:
     """Replace every decoder nn.Linear and Conv1D (LoRA base layers included) by the 4-bit stand-in, as
     transformers' bitsandbytes integration does."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     from hf_ftkit._data import load
 
@@ -161,7 +162,7 @@ def _quantize_linears(model: Any, inputs: PlanInputs) -> None:
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            linear = type(child) is torch.nn.Linear or type(child).__name__ == "Conv1D"
+            linear = type(child) is torch.nn.Linear or isinstance(child, Conv1D)
             if linear and child is not head and not _is_adapter(name):
                 setattr(parent, name, fake_cls(child, inputs, block))
 

@@ -85,6 +85,6 @@ def flops_per_token(spec: ModelSpec, inputs: PlanInputs) -> FlopsPerToken:
         dora = forwards * (2 * inputs.lora_r + 3) * adapted / micro_batch_tokens
     dequant = 0.0
     if inputs.quantized_base:
-        dequant = (forwards + 1) * DEQUANT_OPS_PER_WEIGHT * spec.params_linear / micro_batch_tokens
+        dequant = (forwards + 1) * DEQUANT_OPS_PER_WEIGHT * spec.params_quantizable / micro_batch_tokens
     return FlopsPerToken(base_matmul=4 * m, attention=3 * attn, adapter=6.0 * adapters,
                          recompute=(2 * m + attn + 2 * adapters) if ckpt else 0.0, dora_norm=dora, dequant=dequant)

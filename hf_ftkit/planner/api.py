@@ -65,6 +65,14 @@ def plan(
         )
         result.warnings.append(message)
         warnings.warn(message, HfFtkitWarning, stacklevel=2)
+    kept = sorted({g.name for g in spec.linears if not g.quantizable})
+    if inputs.quantized_base and kept:
+        share = 1 - spec.params_quantizable / spec.params_linear
+        message = (f"transformers' bitsandbytes integration quantizes only nn.Linear and Conv1D modules: "
+                   f"{spec.model_id}'s {', '.join(kept)} ({share:.0%} of its decoder linear weights) are subclasses "
+                   "and stay in 16-bit under load_in_4bit; the plan counts them so.")
+        result.warnings.append(message)
+        warnings.warn(message, HfFtkitWarning, stacklevel=2)
     if exact:
         result = _exact_plan(spec, result)
     elif not layer_trace.validated(spec.model_type):

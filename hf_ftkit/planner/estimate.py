@@ -134,7 +134,8 @@ def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _S
         # FSDP and ZeRO-3 shard the packed weight only, and every rank holds all constants
         w, a, g, s, temp = w / n, a / n, g / n, s / n, temp / n
         prefetch = load("constants")["fsdp_prefetch_layers"]
-        base_unit_bytes = (0.5 if inputs.quantized_base else c) * unit
+        share = spec.params_quantizable / spec.params_linear if inputs.quantized_base and spec.params_linear else 0.0
+        base_unit_bytes = (0.5 * share + c * (1 - share)) * unit
         # two layers gathered (current + prefetch) plus the root unit's embedding / lm_head
         gathered = prefetch * base_unit_bytes + c * (spec.params_embedding + spec.params_lm_head)
         if not inputs.is_peft:

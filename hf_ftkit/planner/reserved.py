@@ -34,7 +34,6 @@ def _tensors(spec: ModelSpec, inputs: PlanInputs) -> tuple[list[list[int]], list
     frozen: list[int] = []
     extra: list[int] = []
     peft = inputs.is_peft
-    base = 2 if inputs.precision != "fp32" else 4
     unquantized = act.stream_bytes(inputs)  # fp32 after prepare_model_for_kbit_training
     targets = {g.name for g in act.lora_targets(spec, inputs)}
     for g in spec.linears:
@@ -44,8 +43,9 @@ def _tensors(spec: ModelSpec, inputs: PlanInputs) -> tuple[list[list[int]], list
             if not peft:
                 layer.append(numel)
                 continue
-            frozen.append(numel // 2 if inputs.quantized_base else base * numel)
-            if inputs.quantized_base:
+            quantized = inputs.quantized_base and g.quantizable
+            frozen.append(numel // 2 if quantized else unquantized * numel)
+            if quantized:
                 frozen.append(max(numel // load("constants")["nf4_block"], 1))
             if g.name in targets:
                 layer.extend((inputs.lora_r * g.in_features, inputs.lora_r * g.out_features))

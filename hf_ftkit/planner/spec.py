@@ -42,6 +42,9 @@ class LinearGroup:
     out_features: int
     count: int
     has_bias: bool = False
+    # transformers' bitsandbytes integration replaces exact nn.Linear and Conv1D modules only: a subclass
+    # (Falcon's FalconLinear) stays in the load dtype under load_in_4bit
+    quantizable: bool = True
 
     @property
     def params(self) -> int:
@@ -97,6 +100,11 @@ class ModelSpec:
         return sum(g.params for g in self.linears)
 
     @property
+    def params_quantizable(self) -> int:
+        """Decoder linear parameters that a 4-bit load quantizes."""
+        return sum(g.params for g in self.linears if g.quantizable)
+
+    @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
@@ -114,7 +122,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("config")
-        data["linears"] = list(data["linears"])  # JSON shape
+        data["linears"] = [{k: v for k, v in g.items() if k != "quantizable" or not v} for g in data["linears"]]
         return data
 
     @classmethod

@@ -93,7 +93,7 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     base_bytes = 4 if inputs.precision == "fp32" else 2
     quant = 0.0
     if inputs.quantized_base:
-        quantized = spec.params_linear
+        quantized = spec.params_quantizable
         other = spec.params_total - quantized
         other_bytes = stream_bytes(inputs)  # fp32 after prepare_model_for_kbit_training
         weights = quantized / 2 + other_bytes * other

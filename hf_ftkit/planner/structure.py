@@ -96,7 +96,7 @@ def spec_from_model(model: Any, model_id: str) -> ModelSpec:
 
     from transformers.pytorch_utils import Conv1D
 
-    groups: Counter[tuple[str, int, int, bool]] = Counter()
+    groups: Counter[tuple[str, int, int, bool, bool]] = Counter()
     for name, module in model.named_modules():
         if id(module) not in layer_ids:
             continue
@@ -106,10 +106,11 @@ def spec_from_model(model: Any, model_id: str) -> ModelSpec:
             shape = (module.weight.shape[0], module.weight.shape[1])
         else:
             continue
-        groups[(name.rsplit(".", 1)[-1], *shape, module.bias is not None)] += 1
+        quantizable = type(module) is nn.Linear or isinstance(module, Conv1D)  # as transformers' bnb integration
+        groups[(name.rsplit(".", 1)[-1], *shape, module.bias is not None, quantizable)] += 1
     linears = tuple(
-        LinearGroup(name=n, in_features=i, out_features=o, count=c, has_bias=b)
-        for (n, i, o, b), c in sorted(groups.items())
+        LinearGroup(name=n, in_features=i, out_features=o, count=c, has_bias=b, quantizable=q)
+        for (n, i, o, b, q), c in sorted(groups.items())
     )
     first = layers[0] if layers is not None else None
     hidden = dims["hidden_size"]

@@ -95,3 +95,23 @@ def test_the_warning_reaches_the_json(tmp_path, capsys, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(config("gpt2")))
     assert main(["plan", str(tmp_path), "--method", "lora", "--seq-len", "128", "--json"]) == 0
     assert any("traced with 1 and 2 decoder layers" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+
+
+def test_linear_subclasses_stay_16_bit_under_qlora_as_transformers_loads_them(tmp_path, monkeypatch):
+    """transformers' bitsandbytes integration replaces exact nn.Linear and Conv1D only: Falcon's FalconLinear
+    layers keep their 16-bit weights under load_in_4bit, so its QLoRA plan saves nothing over LoRA's weights,
+    and says why; Llama's nn.Linear layers are quantized."""
+    monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
+    falcon = spec_from_config(config("falcon"), "falcon")
+    assert falcon.linears and not any(g.quantizable for g in falcon.linears) and falcon.params_quantizable == 0
+    llama = spec_from_config(config("llama"), "llama")
+    assert all(g.quantizable for g in llama.linears) and "quantizable" not in str(llama.to_dict())
+    inputs = PlanInputs(method="qlora", seq_len=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)
+        qlora, lora = plan(falcon, inputs), plan(falcon, inputs.replace(method="lora"))
+        assert plan(llama, inputs).breakdown["weights"] < plan(llama, inputs.replace(method="lora")).breakdown["weights"]
+    assert qlora.breakdown["weights"] == lora.breakdown["weights"] and qlora.breakdown["quant_constants"] == 0
+    assert any("stay in 16-bit under load_in_4bit" in w for w in qlora.warnings)
+    traced = trace_step(config_from_dict(config("falcon")), inputs).peak_bytes  # the tracer quantizes alike
+    assert 0.98 * traced <= qlora.allocated_peak_bytes <= 1.08 * traced

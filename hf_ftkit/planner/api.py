@@ -90,11 +90,17 @@ def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan) -> Plan:
                    "check it with --exact.")
     else:
         single = estimate(spec, inputs.replace(gpus=1, nodes=1, shard="none", offload="none"))
-        extra = max(0, traced - single.allocated_peak_bytes)
+        extra = traced - single.allocated_peak_bytes
+        # An adapter run peaks where every layer's activations are held (end of forward, start of backward):
+        # all its candidate peaks grow alike with depth, so the extrapolation holds both ways. Full fine-tuning
+        # can peak at the optimizer step, which grows faster with depth than what 1 and 2 layers show: there
+        # the traced figure may only raise the formulas'.
+        if not inputs.is_peft:
+            extra = max(0, extra)
         result = with_extra_activations(result, extra)
         message = (f"{spec.model_type} is not among the architectures whose memory formulas were validated against "
                    f"traces: its per-layer memory was traced with 1 and 2 decoder layers instead "
-                   f"(+{extra / 2**20:,.0f} MiB over the formulas).")
+                   f"({extra / 2**20:+,.0f} MiB against the formulas).")
     result.warnings.append(message)
     warnings.warn(message, HfFtkitWarning, stacklevel=3)
     return result
@@ -122,12 +128,25 @@ def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
     if inputs.is_peft and unknown:
         found.append(f"--modules-to-save {','.join(unknown)} matches no module hf-ftkit knows in {spec.model_id} "
                      f"(known: {', '.join(_WHOLE_MODULES)} and the linears); it adds nothing to this plan.")
+    fused_experts = spec.is_moe and not any(g.count >= spec.num_layers * spec.num_experts for g in spec.linears)
+    if inputs.is_peft and fused_experts and inputs.target_names() is None and inputs.lora_dropout > 0:
+        found.append("Recent PEFT's all-linear also wraps this MoE model's fused expert parameters and refuses "
+                     "lora_dropout > 0 on them: get_peft_model will fail; pass --lora-dropout 0 or name the "
+                     "targets (e.g. q_proj,k_proj,v_proj,o_proj).")
     if not inputs.is_peft and inputs.modules_to_save:
         found.append("--modules-to-save has no effect with --method full, which trains every module.")
     if inputs.world_size == 1 and inputs.shard in ("fsdp", "zero1", "zero2", "zero3") and inputs.offload == "none":
         found.append(f"--shard {inputs.shard} on one GPU shards nothing: the plan is a single device's; add --gpus "
                      "or --offload.")
     return found
+
+
+def _raised_by(exc: BaseException, package: str) -> bool:
+    """Whether ``exc`` was raised inside ``package``'s code (its innermost frame)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{package}/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
 def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
@@ -140,7 +159,15 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
     inputs = analytic.inputs
     if inputs.world_size > 1:
         raise BadInputError("--exact traces one device; drop --gpus/--nodes/--shard or use the analytic plan.")
-    traced = trace_step(config_from_dict(dict(spec.config)), inputs)
+    try:
+        traced = trace_step(config_from_dict(dict(spec.config)), inputs)
+    except ValueError as exc:
+        if not _raised_by(exc, "peft"):
+            raise
+        # the run itself would fail the same way when PEFT wraps the model: say so, as PEFT does
+        hint = " (an MoE model's all-linear includes its experts' fused parameters)" if spec.is_moe else ""
+        raise BadInputError(f"PEFT refuses this adapter configuration{hint}: {exc} Change the LoRA settings it "
+                            "names; the run would fail the same way.") from exc
     constants = load("constants")
     replayed = replay(traced.events)  # the traced step's own allocations through the allocator model
     cats = traced.by_category

@@ -150,8 +150,10 @@ def shard_states(states: ModelStates, spec: ModelSpec, inputs: PlanInputs) -> _S
 
 
 def with_extra_activations(plan: Plan, extra: int) -> Plan:
-    """``plan`` with ``extra`` bytes of activations (allocated); the allocator's slack is kept."""
-    if extra <= 0:
+    """``plan`` with ``extra`` bytes of activations (allocated; fewer when negative, never below none); the
+    allocator's slack is kept."""
+    extra = max(extra, -plan.breakdown["activations"])
+    if extra == 0:
         return plan
     breakdown = dict(plan.breakdown)
     breakdown["activations"] += extra

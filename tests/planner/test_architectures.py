@@ -4,6 +4,7 @@ with a warning."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -110,8 +111,41 @@ def test_linear_subclasses_stay_16_bit_under_qlora_as_transformers_loads_them(tm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HfFtkitWarning)
         qlora, lora = plan(falcon, inputs), plan(falcon, inputs.replace(method="lora"))
-        assert plan(llama, inputs).breakdown["weights"] < plan(llama, inputs.replace(method="lora")).breakdown["weights"]
+        llama_weights = [plan(llama, inputs.replace(method=m)).breakdown["weights"] for m in ("qlora", "lora")]
+    assert llama_weights[0] < llama_weights[1]
     assert qlora.breakdown["weights"] == lora.breakdown["weights"] and qlora.breakdown["quant_constants"] == 0
     assert any("stay in 16-bit under load_in_4bit" in w for w in qlora.warnings)
     traced = trace_step(config_from_dict(config("falcon")), inputs).peak_bytes  # the tracer quantizes alike
     assert 0.98 * traced <= qlora.allocated_peak_bytes <= 1.08 * traced
+
+
+def test_moe_all_linear_lora_with_dropout_is_flagged_as_peft_refuses_it():
+    """PEFT's all-linear wraps transformers 5's fused expert parameters and refuses lora_dropout > 0 there: the
+    analytic plan warns, --exact (which runs PEFT) refuses in one sentence, and dropout 0 traces."""
+    from hf_ftkit.errors import BadInputError
+
+    spec = spec_from_config(config("qwen3_moe"), "qwen3_moe")
+    inputs = PlanInputs(method="lora", seq_len=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)
+        assert any("refuses lora_dropout > 0" in w for w in plan(spec, inputs).warnings)
+        assert not any("refuses" in w for w in plan(spec, inputs.replace(lora_targets="q_proj,v_proj")).warnings)
+        with pytest.raises(BadInputError, match="PEFT refuses this adapter configuration"):
+            plan(spec, inputs, exact=True)
+        assert plan(spec, inputs.replace(lora_dropout=0.0), exact=True).allocated_peak_bytes > 0
+
+
+def test_an_adapter_plan_follows_traced_layers_below_the_formulas_too(tmp_path, monkeypatch):
+    """GPT-NeoX's formulas over-count a LoRA step (+8 to +9%); its traced layers are right, and an adapter run's
+    candidate peaks all grow alike with depth, so the plan takes the traced figure down as well as up."""
+    monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
+    deep = {**config("gpt_neox"), "num_hidden_layers": 6}
+    spec = spec_from_config(deep, "gpt_neox")
+    inputs = PlanInputs(method="lora", seq_len=1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)
+        planned = plan(spec, inputs)
+    traced = trace_step(config_from_dict(deep), inputs).peak_bytes
+    assert estimate(spec, inputs).allocated_peak_bytes > 1.05 * traced  # the formulas alone
+    assert planned.allocated_peak_bytes == pytest.approx(traced, rel=0.02)
+    assert any(re.search(r"\(-[\d,]+ MiB against the formulas\)", w) for w in planned.warnings)

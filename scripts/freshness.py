@@ -26,6 +26,7 @@ MEASURED: dict[str, tuple[str, ...]] = {
     "forgetting_overhead.md": ("benchmarks/forgetting_overhead.py", "hf_ftkit/forgetting"),
     "merge.md": ("benchmarks/merge.py", "hf_ftkit/merge"),
     "gpu_check.md": ("benchmarks/gpu_check.py", "hf_ftkit/planner", "hf_ftkit/data"),
+    "architectures.md": ("benchmarks/architectures.py", "hf_ftkit/planner", "hf_ftkit/data"),
     "bnb_legacy.md": ("benchmarks/bnb_legacy.py", "benchmarks/data/published_peaks.json", "hf_ftkit/planner",
                       "hf_ftkit/data"),
 }

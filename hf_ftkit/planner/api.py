@@ -76,18 +76,27 @@ def plan(
     if exact:
         result = _exact_plan(spec, result)
     elif not layer_trace.validated(spec.model_type):
-        result = _traced_layers(spec, inputs, result)
+        reason = f"{spec.model_type} is not among the architectures whose memory formulas were validated against traces"
+        result = _traced_layers(spec, inputs, result, reason)
+    elif inputs.is_peft and inputs.target_names() is None and _fused_experts(spec):
+        reason = ("PEFT's all-linear also adapts this MoE model's fused expert weights, through a merged copy of "
+                  "each layer's experts that the formulas do not model")
+        result = _traced_layers(spec, inputs, result, reason)
     return result
 
 
-def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan) -> Plan:
-    """For an architecture the formulas were not validated on: the traced per-layer memory, when it is more
-    than the formulas give (leaning to over-predicting), and a warning either way."""
+def _fused_experts(spec: ModelSpec) -> bool:
+    """An MoE model whose experts are 3-D parameters (transformers 5), not one nn.Linear per expert."""
+    return spec.is_moe and not any(g.count >= spec.num_layers * spec.num_experts for g in spec.linears)
+
+
+def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan, reason: str) -> Plan:
+    """Where the formulas were not validated (``reason``): the traced per-layer memory, and a warning either
+    way."""
     traced = layer_trace.traced_allocated_peak(spec, inputs)
     if traced is None:
-        message = (f"{spec.model_type} is not among the architectures whose memory formulas were validated against "
-                   "traces, and tracing it failed here (needs torch and transformers): the plan may be low; "
-                   "check it with --exact.")
+        message = (f"{reason}, and tracing it failed here (needs torch and transformers, and a configuration PEFT "
+                   "accepts): the plan may be low; check it with --exact.")
     else:
         single = estimate(spec, inputs.replace(gpus=1, nodes=1, shard="none", offload="none"))
         extra = traced - single.allocated_peak_bytes
@@ -98,8 +107,7 @@ def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan) -> Plan:
         if not inputs.is_peft:
             extra = max(0, extra)
         result = with_extra_activations(result, extra)
-        message = (f"{spec.model_type} is not among the architectures whose memory formulas were validated against "
-                   f"traces: its per-layer memory was traced with 1 and 2 decoder layers instead "
+        message = (f"{reason}: its per-layer memory was traced with 1 and 2 decoder layers instead "
                    f"({extra / 2**20:+,.0f} MiB against the formulas).")
     result.warnings.append(message)
     warnings.warn(message, HfFtkitWarning, stacklevel=3)
@@ -128,8 +136,7 @@ def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
     if inputs.is_peft and unknown:
         found.append(f"--modules-to-save {','.join(unknown)} matches no module hf-ftkit knows in {spec.model_id} "
                      f"(known: {', '.join(_WHOLE_MODULES)} and the linears); it adds nothing to this plan.")
-    fused_experts = spec.is_moe and not any(g.count >= spec.num_layers * spec.num_experts for g in spec.linears)
-    if inputs.is_peft and fused_experts and inputs.target_names() is None and inputs.lora_dropout > 0:
+    if inputs.is_peft and _fused_experts(spec) and inputs.target_names() is None and inputs.lora_dropout > 0:
         found.append("Recent PEFT's all-linear also wraps this MoE model's fused expert parameters and refuses "
                      "lora_dropout > 0 on them: get_peft_model will fail; pass --lora-dropout 0 or name the "
                      "targets (e.g. q_proj,k_proj,v_proj,o_proj).")

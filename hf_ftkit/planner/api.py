@@ -173,8 +173,8 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
             raise
         # the run itself would fail the same way when PEFT wraps the model: say so, as PEFT does
         hint = " (an MoE model's all-linear includes its experts' fused parameters)" if spec.is_moe else ""
-        raise BadInputError(f"PEFT refuses this adapter configuration{hint}: {exc} Change the LoRA settings it "
-                            "names; the run would fail the same way.") from exc
+        raise BadInputError(f"PEFT refuses this adapter configuration{hint} ({str(exc).rstrip('.')}); change the "
+                            "LoRA settings it names, as the run would fail the same way.") from exc
     constants = load("constants")
     replayed = replay(traced.events)  # the traced step's own allocations through the allocator model
     cats = traced.by_category

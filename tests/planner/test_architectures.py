@@ -152,7 +152,7 @@ def test_an_adapter_plan_follows_traced_layers_below_the_formulas_too(tmp_path, 
     assert any(re.search(r"\(-[\d,]+ MiB against the formulas\)", w) for w in planned.warnings)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_all_linear_lora_on_fused_experts_is_planned_from_traced_layers(model_type, tmp_path, monkeypatch):
     """PEFT's all-linear adapts transformers 5's fused expert weights through a merged copy per layer, which the
     formulas leave out (a 30B-A3B step at 4096 tokens planned 42% low): such a plan comes from traced layers."""

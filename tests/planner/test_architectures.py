@@ -136,6 +136,7 @@ def test_moe_all_linear_lora_with_dropout_is_flagged_as_peft_refuses_it():
         assert plan(spec, inputs.replace(lora_dropout=0.0), exact=True).allocated_peak_bytes > 0
 
 
+@pytest.mark.slow
 def test_an_adapter_plan_follows_traced_layers_below_the_formulas_too(tmp_path, monkeypatch):
     """GPT-NeoX's formulas over-count a LoRA step (+8 to +9%); its traced layers are right, and an adapter run's
     candidate peaks all grow alike with depth, so the plan takes the traced figure down as well as up."""
@@ -152,7 +153,8 @@ def test_an_adapter_plan_follows_traced_layers_below_the_formulas_too(tmp_path, 
     assert any(re.search(r"\(-[\d,]+ MiB against the formulas\)", w) for w in planned.warnings)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
 def test_all_linear_lora_on_fused_experts_is_planned_from_traced_layers(model_type, tmp_path, monkeypatch):
     """PEFT's all-linear adapts transformers 5's fused expert weights through a merged copy per layer, which the
     formulas leave out (a 30B-A3B step at 4096 tokens planned 42% low): such a plan comes from traced layers."""

@@ -39,7 +39,7 @@ def test_an_unknown_method_names_the_table():
 
 
 @pytest.mark.parametrize(("changes", "over"), [
-    (dict(gradient_checkpointing=True), 0.08),
+    pytest.param(dict(gradient_checkpointing=True), 0.08, marks=pytest.mark.slow),  # the quick tier keeps two
     (dict(lora_targets="q_proj,v_proj", batch_size=4, seq_len=512), 0.08),
     # without checkpointing DoRA's weight-sized terms lean high, as for 16-bit DoRA on this config (+7.6%)
     (dict(), 0.12),

@@ -18,6 +18,7 @@ SUMMARY_KEYS = {"status", "global_step", "versions", "plan", "chosen_setup", "fa
                 "forgetting", "merged", "timings", "final", "resumed_from"}
 
 
+@pytest.mark.slow  # a whole training run (~10 s): the full suite runs it
 def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.chdir(tiny_model_dir.parent)  # the recipe names the model by a relative path
     path = write_recipe(tmp_path / "r.yaml", model_name_or_path=tiny_model_dir.name, forgetting_data="stdlib",

@@ -12,8 +12,8 @@ buffers), then sees every tensor the two training steps create and free (gathere
 reduce buckets, the optimizer states created at the first step, activations), storage resizes included.
 The traced figure is rank 0's allocated peak; the plan is ``--shard zero3 --gpus 2`` for the same step.
 
-What it cannot see: NCCL's buffers on a GPU, and DeepSpeed's CUDA-only paths (fused Adam, pinned
-host buffers of the offload paths, which are not traced).
+What it cannot see: NCCL's buffers on a GPU (the plan's fixed ``comm_buffers`` line), and DeepSpeed's
+CUDA-only paths (fused Adam, pinned host buffers of the offload paths, which are not traced).
 
     pip install deepspeed
     python benchmarks/zero3_trace.py          # 6 configurations, a few minutes on 2 cores
@@ -117,8 +117,9 @@ def main() -> None:
                      f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['traced'] / 2**20:.0f} / "
                      f"{r['traced_by_category']['rank1_total'] / 2**20:.0f} | {r['planned'] / 2**20:.0f} | "
                      f"{r['error_pct']:+.1f}% |")
-    lines += ["", "Not seen by a CPU trace: NCCL's buffers, DeepSpeed's CUDA-only kernels and pinned host buffers, "
-              "and the timing of overlapped communication on a GPU.", ""]
+    lines += ["", "Not seen by a CPU trace: NCCL's buffers (outside PyTorch's allocator: the plan's fixed "
+              "`comm_buffers` line, not part of the allocated peak compared here), DeepSpeed's CUDA-only kernels and "
+              "pinned host buffers, and the timing of overlapped communication on a GPU.", ""]
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "zero3.md").write_text("\n".join([*lines, stamp("zero3.md")]) + "\n")
     print("\n".join(lines))

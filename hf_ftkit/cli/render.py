@@ -22,6 +22,7 @@ _LABELS = {
     "transient": "transient (casts, optimizer step)",
     "sharding_buffers": "sharding / DDP buffers",
     "fragmentation": "allocator slack (reserved − allocated)",
+    "comm_buffers": "NCCL buffers (fixed, multi-GPU)",
     "cuda_context": "CUDA context (fixed)",
 }
 
@@ -48,7 +49,7 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("per device", justify="right")
     for key in COMPONENTS:
         value = plan.breakdown.get(key, 0)
-        if value or key in FIXED or key in ("weights", "activations"):
+        if value or (key in FIXED and key != "comm_buffers") or key in ("weights", "activations"):
             table.add_row(_LABELS[key], format_bytes(value))
     table.add_section()
     table.add_row("allocated peak (max_memory_allocated)", format_bytes(plan.allocated_peak_bytes))

@@ -17,7 +17,7 @@ from hf_ftkit._data import load
 from hf_ftkit._dtypes import to_torch
 from hf_ftkit.errors import BadInputError, DoesNotFitError
 from hf_ftkit.planner.budget import parse_budget
-from hf_ftkit.planner.estimate import Plan, estimate
+from hf_ftkit.planner.estimate import Plan, comm_buffer_bytes, estimate
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.methods import all_rungs
 from hf_ftkit.planner.resolve import resolve_model
@@ -195,7 +195,7 @@ def choose_setup(
     base = (inputs or PlanInputs()).replace(**overrides) if overrides else (inputs or PlanInputs())
     resolved = parse_budget(budget)
     limits = limits or LadderLimits()
-    fixed = int(load("constants")["cuda_context_bytes"])
+    fixed = int(load("constants")["cuda_context_bytes"]) + comm_buffer_bytes(base)
     if resolved.bytes <= fixed:
         raise BadInputError(
             f"--budget {resolved.label} is below the fixed per-device overhead of {format_bytes(fixed)}; "

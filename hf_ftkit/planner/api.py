@@ -58,36 +58,23 @@ def plan(
     for message in intent_warnings(spec, inputs):
         result.warnings.append(message)
         warnings.warn(message, HfFtkitWarning, stacklevel=2)
-    if spec.max_position and inputs.seq_len > spec.max_position:
-        message = (
-            f"--seq-len {inputs.seq_len} is longer than {spec.model_id}'s context of {spec.max_position} tokens; "
-            "the plan assumes the model is extended to it (e.g. RoPE scaling)."
-        )
-        result.warnings.append(message)
-        warnings.warn(message, HfFtkitWarning, stacklevel=2)
-    kept = sorted({g.name for g in spec.linears if not g.quantizable})
-    if inputs.quantized_base and kept:
-        share = 1 - spec.params_quantizable / spec.params_linear
-        message = (f"transformers' bitsandbytes integration quantizes only nn.Linear and Conv1D modules: "
-                   f"{spec.model_id}'s {', '.join(kept)} ({share:.0%} of its decoder linear weights) are subclasses "
-                   "and stay in 16-bit under load_in_4bit; the plan counts them so.")
-        result.warnings.append(message)
-        warnings.warn(message, HfFtkitWarning, stacklevel=2)
     if exact:
         result = _exact_plan(spec, result)
     elif not layer_trace.validated(spec.model_type):
         reason = f"{spec.model_type} is not among the architectures whose memory formulas were validated against traces"
         result = _traced_layers(spec, inputs, result, reason)
-    elif inputs.is_peft and inputs.target_names() is None and _fused_experts(spec):
+    elif _adapts_fused_experts(spec, inputs):
         reason = ("PEFT's all-linear also adapts this MoE model's fused expert weights, through a merged copy of "
                   "each layer's experts that the formulas do not model")
         result = _traced_layers(spec, inputs, result, reason)
     return result
 
 
-def _fused_experts(spec: ModelSpec) -> bool:
-    """An MoE model whose experts are 3-D parameters (transformers 5), not one nn.Linear per expert."""
-    return spec.is_moe and not any(g.count >= spec.num_layers * spec.num_experts for g in spec.linears)
+def _adapts_fused_experts(spec: ModelSpec, inputs: PlanInputs) -> bool:
+    """All-linear LoRA on an MoE model whose experts are 3-D parameters (transformers 5), not one nn.Linear per
+    expert: PEFT wraps those parameters too."""
+    fused = spec.is_moe and not any(g.count >= spec.num_layers * spec.num_experts for g in spec.linears)
+    return fused and inputs.is_peft and inputs.target_names() is None
 
 
 def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan, reason: str) -> Plan:
@@ -129,14 +116,15 @@ def check_targets(spec: ModelSpec, inputs: PlanInputs) -> None:
 
 
 def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
-    """Settings that plan fine but cannot be what the user meant."""
+    """Settings that plan fine but cannot be what the user meant, or that the run treats differently than the
+    user may expect."""
     found = []
     linears = {g.name for g in spec.linears}
     unknown = [m for m in inputs.modules_to_save if m not in linears and m not in _WHOLE_MODULES]
     if inputs.is_peft and unknown:
         found.append(f"--modules-to-save {','.join(unknown)} matches no module hf-ftkit knows in {spec.model_id} "
                      f"(known: {', '.join(_WHOLE_MODULES)} and the linears); it adds nothing to this plan.")
-    if inputs.is_peft and _fused_experts(spec) and inputs.target_names() is None and inputs.lora_dropout > 0:
+    if _adapts_fused_experts(spec, inputs) and inputs.lora_dropout > 0:
         found.append("Recent PEFT's all-linear also wraps this MoE model's fused expert parameters and refuses "
                      "lora_dropout > 0 on them: get_peft_model will fail; pass --lora-dropout 0 or name the "
                      "targets (e.g. q_proj,k_proj,v_proj,o_proj).")
@@ -145,15 +133,25 @@ def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
     if inputs.world_size == 1 and inputs.shard in ("fsdp", "zero1", "zero2", "zero3") and inputs.offload == "none":
         found.append(f"--shard {inputs.shard} on one GPU shards nothing: the plan is a single device's; add --gpus "
                      "or --offload.")
+    if spec.max_position and inputs.seq_len > spec.max_position:
+        found.append(f"--seq-len {inputs.seq_len} is longer than {spec.model_id}'s context of {spec.max_position} "
+                     "tokens; the plan assumes the model is extended to it (e.g. RoPE scaling).")
+    kept = sorted({g.name for g in spec.linears if not g.quantizable})
+    if inputs.quantized_base and kept:
+        share = 1 - spec.params_quantizable / spec.params_linear
+        found.append(f"transformers' bitsandbytes integration quantizes only nn.Linear and Conv1D modules: "
+                     f"{spec.model_id}'s {', '.join(kept)} ({share:.0%} of its decoder linear weights) are subclasses "
+                     "and stay in 16-bit under load_in_4bit; the plan counts them so.")
     return found
 
 
 def _raised_by(exc: BaseException, package: str) -> bool:
-    """Whether ``exc`` was raised inside ``package``'s code (its innermost frame)."""
+    """Whether ``exc`` was raised inside ``package``'s code (its innermost frame's module)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and f"{package}/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module == package or module.startswith(f"{package}.")
 
 
 def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
@@ -185,6 +183,7 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
         "activations": cats.get("ACT", 0),
         "transient": cats.get("TEMP", 0) + cats.get("OTH", 0),
         "fragmentation": replayed.peak_reserved - replayed.peak_requested,
+        "comm_buffers": 0,  # one device: no communicator
         "cuda_context": int(constants["cuda_context_bytes"]),
     }
     return Plan(

@@ -15,7 +15,8 @@ from hf_ftkit.planner.states import ModelStates, model_states
 # Breakdown keys, in display order. The last two are not part of what a tracer or
 # torch.cuda.max_memory_allocated sees, but they do take device memory: "fragmentation" is the caching
 # allocator's reserved-minus-requested bytes (modelled by replaying the step's tensors through a model of
-# the allocator, see planner/reserved.py), "cuda_context" the fixed context and library workspaces.
+# the allocator, see planner/reserved.py), "comm_buffers" NCCL's communicator buffers on each rank of a
+# multi-GPU run, "cuda_context" the fixed context and library workspaces.
 COMPONENTS = (
     "weights",
     "adapter_weights",
@@ -27,9 +28,22 @@ COMPONENTS = (
     "transient",
     "sharding_buffers",
     "fragmentation",
+    "comm_buffers",
     "cuda_context",
 )
-FIXED = ("cuda_context", "fragmentation")
+FIXED = ("cuda_context", "comm_buffers", "fragmentation")
+
+
+def comm_buffer_bytes(inputs: PlanInputs) -> int:
+    """NCCL's device buffers for one communicator on each rank, outside PyTorch's allocator (0 on one GPU).
+
+    From a measurement through PyTorch on 4x A100 with NVLink (NVIDIA/nccl#964): 544 MB for a group of two
+    GPUs, 688 MB for more. NCCL's memory grows with its channel count (NVIDIA/nccl#986), so NVLink-rich GPUs can
+    hold more; a plan is a floor there."""
+    if inputs.world_size <= 1:
+        return 0
+    constants = load("constants")
+    return int(constants["nccl_two_ranks_bytes" if inputs.world_size == 2 else "nccl_bytes"])
 
 
 @dataclass
@@ -215,7 +229,9 @@ def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
     """The embedding backward builds a dense vocabulary x hidden gradient before accumulating it."""
     if not spec.tie_embeddings:
         return 0.0  # the fresh gradient simply becomes .grad; only a tied weight accumulates into lm_head's
-    if inputs.is_peft and not set(inputs.modules_to_save) & {"embed_tokens", "wte"}:
+    if inputs.is_peft:
+        # PEFT's modules_to_save copies of tied embeddings are separate parameters (a deep copy each): the
+        # trainable embedding's gradient becomes its .grad directly, and the frozen originals get none
         return 0.0
     return (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
 
@@ -260,6 +276,7 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
         "transient": transient - (sh.gathered if phase != "optimizer" else 0.0),
         "sharding_buffers": sh.persistent_buffers + (sh.gathered if phase != "optimizer" else 0.0),
         "fragmentation": float(allocator_slack(spec, inputs)) if slack else 0.0,
+        "comm_buffers": float(comm_buffer_bytes(inputs)),
         "cuda_context": float(constants["cuda_context_bytes"]),
     }
     rounded = {k: int(round(v)) for k, v in breakdown.items()}

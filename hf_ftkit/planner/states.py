@@ -45,9 +45,10 @@ def modules_to_save_params(spec: ModelSpec, inputs: PlanInputs) -> int:
 
 
 def _optimizer_bytes(
-    params: int, largest: int, state_param_bytes: int, optim: str, spec: ModelSpec
+    params: int, param_bytes: float, largest: int, optim: str, spec: ModelSpec
 ) -> tuple[float, float]:
-    """(resident states, step temporaries) for ``params`` trainable parameters."""
+    """(resident states, step temporaries) for ``params`` trainable parameters holding ``param_bytes`` bytes
+    (torch optimizers keep their states in each parameter's dtype)."""
     table = load("optimizers")
     info = table["optimizers"][optim]
     kind = info["state_dtype"]
@@ -57,15 +58,14 @@ def _optimizer_bytes(
         states = 4.0 * params * 2 / max(h, 1)
         return states, 3 * 4.0 * largest
     if kind == "int8":
-        per = 1 + 4 / table["block_size_8bit"]
+        states = info["states"] * (1 + 4 / table["block_size_8bit"]) * params
     elif kind == "fp32":
-        per = 4
+        states = info["states"] * 4.0 * params
     else:
-        per = state_param_bytes
-    states = info["states"] * per * params
+        states = info["states"] * param_bytes
     temp = 0.0
     if info["step_temp"] == "foreach":
-        temp = params * state_param_bytes
+        temp = param_bytes
     elif info["step_temp"] == "per_param":
         temp = 2 * 4.0 * largest
     return states, temp
@@ -78,7 +78,7 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
         trainable = spec.params_total
         matrices = (g.in_features * g.out_features for g in spec.linears)
         largest = max(spec.params_embedding, spec.params_lm_head, *matrices)
-        states, temp = _optimizer_bytes(trainable, largest, wb, inputs.optim, spec)
+        states, temp = _optimizer_bytes(trainable, wb * trainable, largest, inputs.optim, spec)
         return ModelStates(
             weights=wb * spec.params_total, quant_constants=0.0, adapter_weights=0.0,
             gradients=wb * trainable, optimizer_states=states, optimizer_step_temp=temp,
@@ -88,8 +88,11 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     saved_modules = modules_to_save_params(spec, inputs)
     trainable = adapters + saved_modules
     largest = max([saved_modules] + [g.out_features * inputs.lora_r for g in lora_targets(spec, inputs)] + [1])
-    # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype) even over a bf16 base.
-    adapter_bytes = 4 * adapters + wb * saved_modules
+    # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype) even over a bf16 base; its modules_to_save
+    # copies keep the copied module's dtype (fp32 on a 4-bit base after prepare_model_for_kbit_training), and
+    # so do their gradients and (torch optimizers) their states.
+    saved_bytes = stream_bytes(inputs) if inputs.quantized_base else wb
+    adapter_bytes = 4 * adapters + saved_bytes * saved_modules
     base_bytes = 4 if inputs.precision == "fp32" else 2
     quant = 0.0
     if inputs.quantized_base:
@@ -102,8 +105,8 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
         quant = blocks * (1 + 4 / load("constants")["double_quant_block"]) if inputs.double_quant else blocks * 4
     else:
         weights = base_bytes * spec.params_total
-    grads = 4.0 * adapters + wb * saved_modules
-    states, temp = _optimizer_bytes(trainable, largest, 4, inputs.optim, spec)
+    grads = 4.0 * adapters + saved_bytes * saved_modules
+    states, temp = _optimizer_bytes(trainable, adapter_bytes, largest, inputs.optim, spec)
     return ModelStates(
         weights=weights, quant_constants=quant, adapter_weights=adapter_bytes, gradients=grads,
         optimizer_states=states, optimizer_step_temp=temp, trainable_params=trainable,

@@ -273,6 +273,19 @@ def _grouped_mm_bf16_only() -> Iterator[None]:
         moe._can_use_grouped_mm = original
 
 
+def _retie(model: Any) -> None:
+    """Tie the input and output embeddings again, also under PEFT's ``modules_to_save`` wrappers (whose trainable
+    copies stay separate, as PEFT makes them; transformers' ``tie_weights`` cannot set a weight on a wrapper)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    wrapped = [m for m in (out, inp) if m is not None and hasattr(m, "original_module")]
+    if not wrapped:
+        model.tie_weights()
+        return
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text, "tie_word_embeddings", False) and out is not None and inp is not None:
+        getattr(out, "original_module", out).weight = getattr(inp, "original_module", inp).weight
+
+
 def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
     """Peak memory of a training step of ``config`` under ``inputs``, traced without allocating.
 
@@ -287,7 +300,7 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         # to_empty() replaces each module's parameters one by one, which unties shared weights.
-        (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
+        _retie(model.get_base_model() if hasattr(model, "get_base_model") else model)
         optimizer = _make_optimizer(model, inputs)
         tracker = _peak_only_tracker()
         for param in model.parameters():

@@ -120,6 +120,18 @@ def test_breakdown_sums_to_peak_and_fixed_costs_are_separate_lines():
         "fragmentation"]
 
 
+@pytest.mark.parametrize(("gpus", "nodes", "mib"), [(1, 1, 0), (2, 1, 544), (8, 1, 688), (1, 2, 544), (8, 2, 688)])
+def test_multi_gpu_plans_count_nccl_buffers_outside_the_allocator(gpus, nodes, mib):
+    # NVIDIA/nccl#964, measured through PyTorch on 4x A100 NVLink: 544 MB per rank for 2 GPUs, 688 MB for more
+    spec = resolve_model("meta-llama/Llama-3.1-8B")
+    inputs = PlanInputs(method="lora", gpus=gpus, nodes=nodes, shard="ddp" if gpus * nodes > 1 else "none")
+    plan = estimate(spec, inputs)
+    assert plan.breakdown["comm_buffers"] == mib * 2**20
+    # outside PyTorch's allocator: in what must fit, not in the allocated or reserved peaks
+    assert plan.peak_bytes == plan.reserved_peak_bytes + plan.breakdown["cuda_context"] + mib * 2**20
+    assert plan.allocated_peak_bytes + plan.breakdown["fragmentation"] == plan.reserved_peak_bytes
+
+
 def test_zero2_model_states_follow_deepspeeds_accounting():
     from hf_ftkit.planner.estimate import shard_states
 

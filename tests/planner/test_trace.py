@@ -103,3 +103,20 @@ def test_gpt2_conv1d_layers_are_4bit_in_the_trace():
               .by_category["PARAM"] for method in ("lora", "qlora")}
     linear = spec_from_config(config, "gpt2").params_linear
     assert params["lora"] - params["qlora"] == pytest.approx(1.5 * linear, rel=0.05)  # 2 bytes -> 0.5 + constants
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_modules_to_save_copies_are_planned_in_their_own_dtype(tiny_llama_config, tied, optim):
+    # PEFT deep-copies each saved module in the base's dtype (bf16 here): its gradient and AdamW states are bf16
+    # too, and a tied model's two copies are separate parameters. A large vocabulary makes the copies dominate.
+    config = dict(tiny_llama_config, vocab_size=32768, tie_word_embeddings=tied)
+    spec = spec_from_config(config, "tiny-llama-32k")
+    inputs = PlanInputs(method="lora", lora_targets="q_proj,v_proj", seq_len=128, optim=optim,
+                        modules_to_save=("embed_tokens", "lm_head"))
+    traced = plan(spec, inputs, exact=True)  # a tied model's re-tie under PEFT's wrappers used to raise here
+    planned = estimate(spec, inputs)
+    saved = 2 * spec.params_embedding
+    assert traced.breakdown["optimizer_states"] >= 2 * 2 * saved  # bf16 exp_avg and exp_avg_sq of both copies
+    assert planned.breakdown["optimizer_states"] < 2 * 4 * saved  # not fp32 states
+    assert planned.allocated_peak_bytes == pytest.approx(traced.allocated_peak_bytes, rel=0.03)

@@ -139,13 +139,13 @@ def _published_rows() -> list[dict]:
             spec = spec_from_config(point["model_config"], point["model"])
         else:
             spec = resolve_model(point["model"])
+        inputs = PlanInputs(**point["config"])
         with warnings.catch_warnings():  # an untraced architecture's warning: the plan is the one users get
             warnings.simplefilter("ignore")
-            planned = plan(spec, PlanInputs(**point["config"])).to_dict()[_COUNTER[point["counter"]]]
+            planned = plan(spec, inputs).to_dict()[_COUNTER[point["counter"]]]
         group = point["stack"] if point.get("fully_known", True) else f"{point['stack']} (not fully stated)"
-        config = point["config"]
-        kind = ("multi-GPU" if config.get("gpus", 1) * config.get("nodes", 1) > 1
-                else "QLoRA" if PlanInputs(**config).quantized_base else "single GPU, 16-bit base")
+        kind = ("multi-GPU" if inputs.world_size > 1
+                else "QLoRA" if inputs.quantized_base else "single GPU, 16-bit base")
         rows.append({"id": point["id"], "stack": group, "kind": kind, "split": point["split"],
                      "counter": point["counter"],
                      "gpu": point["gpu"], "measured": point["bytes"], "planned": planned,
@@ -157,10 +157,14 @@ def _published_rows() -> list[dict]:
 def _published_lines(rows: list[dict]) -> list[str]:
     lines = ["## Against published GPU measurements", "",
              "Points, sources and configurations: `benchmarks/data/published_peaks.json`. The plan's figure is the one "
-             "matching each counter (allocated peak for `max_memory_allocated`, reserved peak for reserved readings). "
+             "matching each counter (allocated peak for `max_memory_allocated`, reserved peak for reserved readings, "
+             "`peak_bytes` for nvidia-smi: reserved plus the CUDA context and, on more than one GPU, NCCL's buffers "
+             "as NVIDIA/nccl#964 measured them). "
              "`hf` points run transformers (+ PEFT), which is what hf-ftkit plans; `litgpt` points run LitGPT's own "
              "model code and are reported apart; `ms-swift` points run ModelScope's trainer (transformers + PEFT under "
              "its own defaults and data: the maximum reserved reading of a whole run) and are reported apart too; "
+             "`qwen` points run Qwen (v1)'s finetune.py (transformers Trainer + PEFT over Qwen's remote model code, "
+             "planned as a Qwen2 model of the same shapes) and are reported apart as well; "
              "`(not fully stated)` points lack the counter or part of the setup "
              "(`fully_known: false`; the no-under-prediction target is for fully known runs). No constant has been "
              "fitted to either split. The plan is the one `hf-ftkit plan` gives (architectures outside the validated "

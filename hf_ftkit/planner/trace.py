@@ -198,9 +198,11 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
         model = get_peft_model(model, lora)
         if inputs.quantized_base:
             _quantize_linears(model, inputs)
-            if inputs.kbit_upcast:  # what prepare_model_for_kbit_training does to the rest of the base
+            if inputs.kbit_upcast:
+                # prepare_model_for_kbit_training runs before get_peft_model: every unquantized weight is fp32,
+                # the modules_to_save copies PEFT then makes of them included
                 for param in model.parameters():
-                    if not param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+                    if param.dtype in (torch.bfloat16, torch.float16):
                         param.data = param.data.float()
     model.train()
     return model

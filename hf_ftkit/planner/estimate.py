@@ -10,7 +10,7 @@ from hf_ftkit.planner import activations as act
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.reserved import allocator_slack
 from hf_ftkit.planner.spec import ModelSpec
-from hf_ftkit.planner.states import ModelStates, model_states
+from hf_ftkit.planner.states import ModelStates, head_gradient_bytes, model_states
 
 # Breakdown keys, in display order. The last two are not part of what a tracer or
 # torch.cuda.max_memory_allocated sees, but they do take device memory: "fragmentation" is the caching
@@ -206,6 +206,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
         "forward_cache": cache,
         # the loss's gradients are freed before the first checkpointed layer is recomputed
         "backward": kept + max(logits.backward_peak * tokens, in_flight) + head_cast,
+        "backward_head": kept + in_flight + head_cast,
         "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
         "layer": layer + in_flight + (kept if inputs.gradient_checkpointing else 0.0),
     }
@@ -249,9 +250,13 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
     # Candidate peaks: end of forward, start of backward, late backward (grads built up), optimizer step.
     fwd_transient = phases["forward_cache"]
     carried = accumulated_gradients(states.gradients, sh.gradients, inputs)
+    share = sh.gradients / states.gradients if states.gradients else 1.0
+    head_grad = head_gradient_bytes(spec, inputs) * share  # made first in the backward
     candidates = {
         "forward": (carried, phases["forward"], fwd_transient + sh.gathered),
         "backward": (carried, phases["backward"], phases["backward_cache"] + sh.gathered),
+        # once the LM head's backward has run: its gradient, the loss's gradients freed
+        "backward_head": (max(carried, head_grad), phases["backward_head"], phases["backward_cache"] + sh.gathered),
         "backward_late": (max(sh.gradients, carried), phases["layer"],
                           sh.gathered + _embedding_grad_temp(spec, inputs)),
         "optimizer": (sh.gradients, 0.0, sh.optimizer_step_temp),
@@ -286,7 +291,7 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
         peak_bytes=sum(rounded.values()),
         allocated_peak_bytes=sum(v for k, v in rounded.items() if k not in FIXED),
         breakdown=rounded,
-        peak_phase="backward" if phase == "backward_late" else phase,
+        peak_phase="backward" if phase in ("backward_late", "backward_head") else phase,
         trainable_params=states.trainable_params,
         budget_bytes=budget_bytes,
         budget_label=budget_label,

@@ -44,6 +44,25 @@ def modules_to_save_params(spec: ModelSpec, inputs: PlanInputs) -> int:
     return total
 
 
+def saved_module_bytes(inputs: PlanInputs) -> int:
+    """Bytes per parameter of PEFT's modules_to_save copies: the copied module's dtype (fp32 on a 4-bit base after
+    prepare_model_for_kbit_training)."""
+    if inputs.quantized_base:
+        return stream_bytes(inputs)
+    return 4 if inputs.weight_dtype == "fp32" else 2
+
+
+def head_gradient_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """The LM head's gradient, the first one the backward makes, alive through the rest of it when the head is
+    trained: full fine-tuning, or PEFT's modules_to_save copy of it."""
+    head = spec.params_lm_head or spec.params_embedding
+    if not inputs.is_peft:
+        return (4 if inputs.weight_dtype == "fp32" else 2) * head
+    if "lm_head" in inputs.modules_to_save:
+        return saved_module_bytes(inputs) * head
+    return 0.0
+
+
 def _optimizer_bytes(
     params: int, param_bytes: float, largest: int, optim: str, spec: ModelSpec
 ) -> tuple[float, float]:
@@ -91,7 +110,7 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype) even over a bf16 base; its modules_to_save
     # copies keep the copied module's dtype (fp32 on a 4-bit base after prepare_model_for_kbit_training), and
     # so do their gradients and (torch optimizers) their states.
-    saved_bytes = stream_bytes(inputs) if inputs.quantized_base else wb
+    saved_bytes = saved_module_bytes(inputs)
     adapter_bytes = 4 * adapters + saved_bytes * saved_modules
     base_bytes = 4 if inputs.precision == "fp32" else 2
     quant = 0.0

@@ -160,10 +160,11 @@ def _quantize_linears(model: Any, inputs: PlanInputs) -> None:
     fake_cls = _make_4bit_class()
     block = int(load("constants")["nf4_block"])
     head = model.get_output_embeddings()
+    heads = {id(head), id(getattr(head, "original_module", head))}  # PEFT's modules_to_save wraps the LM head
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             linear = type(child) is torch.nn.Linear or isinstance(child, Conv1D)
-            if linear and child is not head and not _is_adapter(name):
+            if linear and id(child) not in heads and not _is_adapter(name):
                 setattr(parent, name, fake_cls(child, inputs, block))
 
 

@@ -37,9 +37,9 @@ def peft_merged(base: Path, adapter: Path, dtype: torch.dtype, untie: bool) -> d
     return state if untie else {k: v for k, v in state.items() if k != "lm_head.weight"}
 
 
-# every adapter kind in fp32; bf16 for a plain pair, DoRA and a tied head (rsLoRA and the embedding take the
-# same bf16 paths as the plain pair and the head)
-@pytest.mark.parametrize("dtype, name", [("fp32", n) for n in ("task_a", "rslora", "dora", "head", "embed")]
+# every adapter kind in fp32 (a plain pair through rsLoRA, the same path with another scale); bf16 for a plain
+# pair, DoRA and a tied head (rsLoRA and the embedding take the same bf16 paths as the plain pair and the head)
+@pytest.mark.parametrize("dtype, name", [("fp32", n) for n in ("rslora", "dora", "head", "embed")]
                          + [("bf16", n) for n in ("task_a", "dora", "head")])
 def test_streaming_and_in_memory_equal_peft(smollm2_dir, adapters, tmp_path, name, dtype):
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hf_ftkit.planner.estimate import COMPONENTS, FIXED, Plan
+from hf_ftkit.planner.estimate import COMPONENTS, Plan
 from hf_ftkit.planner.suggest import FitRow, Suggestion
 from hf_ftkit.units import format_bytes
 
@@ -25,6 +25,8 @@ _LABELS = {
     "comm_buffers": "NCCL buffers (fixed, multi-GPU)",
     "cuda_context": "CUDA context (fixed)",
 }
+# shown even at zero; NCCL's line only on more than one GPU
+_ALWAYS_SHOWN = ("weights", "activations", "fragmentation", "cuda_context")
 
 
 def _describe(plan: Plan) -> str:
@@ -49,7 +51,7 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("per device", justify="right")
     for key in COMPONENTS:
         value = plan.breakdown.get(key, 0)
-        if value or (key in FIXED and key != "comm_buffers") or key in ("weights", "activations"):
+        if value or key in _ALWAYS_SHOWN:
             table.add_row(_LABELS[key], format_bytes(value))
     table.add_section()
     table.add_row("allocated peak (max_memory_allocated)", format_bytes(plan.allocated_peak_bytes))

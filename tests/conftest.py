@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -7,6 +8,12 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel workers share the cores: one thread each (and in their subprocesses), or OpenMP's spinning
+    # threads fight over the cores and the suite runs slower than in one process
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -62,8 +63,9 @@ def test_piped_output_has_no_colour_codes_and_keeps_the_table():
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a set COLUMNS is the user's width: obeyed
     result = subprocess.run([sys.executable, "-m", "hf_ftkit", "compare", "meta-llama/Llama-3.1-70B", "--gpu", "h100",
-                             "--price-per-gpu-hour", "2"], capture_output=True, text=True, timeout=120)
+                             "--price-per-gpu-hour", "2"], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stderr == ""
     assert "\x1b[" not in result.stdout  # rich degrades to plain text when stdout is not a terminal
     assert "fewest GPUs" in result.stdout and "1x h100" in result.stdout

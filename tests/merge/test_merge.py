@@ -47,18 +47,21 @@ def test_streaming_and_in_memory_equal_peft(smollm2_dir, adapters, tmp_path, nam
     reference = peft_merged(smollm2_dir, adapters[name], torch_dtype, untie)
     for streaming in (True, False):
         out = tmp_path / f"out-{streaming}"
+        # the in-memory merge writes the same bits (asserted below), so one verification covers both
         result = merge_adapters(smollm2_dir, [adapters[name]], out, dtype=dtype, streaming=streaming,
-                                max_shard_bytes=150_000_000)
+                                max_shard_bytes=150_000_000, verify=streaming)
         got = written(out)
         assert got.keys() == reference.keys()
         for key, want in reference.items():
             assert got[key].dtype == torch_dtype
             assert torch.equal(got[key], want), key  # bitwise, in bf16 too (the base is loaded in bf16 first)
-        assert result.verification["passed"]
-        if dtype == "fp32":
-            assert result.verification["max_abs_logit_diff"] < 1e-3 and result.verification["top1_agreement"] == 1
-        else:  # bf16 rounding alone moves SmolLM2's logits by ~1-2 and flips near-ties
-            assert result.verification["top1_agreement"] > 0.8
+        if streaming:
+            assert result.verification["passed"]
+            if dtype == "fp32":
+                assert result.verification["max_abs_logit_diff"] < 1e-3
+                assert result.verification["top1_agreement"] == 1
+            else:  # bf16 rounding alone moves SmolLM2's logits by ~1-2 and flips near-ties
+                assert result.verification["top1_agreement"] > 0.8
         config = json.loads((out / "config.json").read_text())
         assert config["tie_word_embeddings"] is (not untie)
         assert config["dtype"] == str(torch_dtype).removeprefix("torch.")

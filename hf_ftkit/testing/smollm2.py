@@ -10,8 +10,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from hf_ftkit._progress import status
@@ -67,15 +65,21 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _built(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     """Directory of an HF-format SmolLM2-135M-Instruct, converting it on first use (~1 minute)."""
+    from filelock import FileLock
+
     target = Path(cache_dir) if cache_dir else default_cache_dir()
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{target.name}.lock"):
-        # another process (a parallel test worker, a second script) may have built it while this one waited
-        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    # one converter at a time: a parallel test worker or a second script waits, then finds the copy built
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if _built(target):
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             work = Path(tmp)
@@ -88,19 +92,3 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
                 shutil.rmtree(target)
             staged.rename(target)  # atomic within one filesystem: no half-written cache
     return target
-
-
-@contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``lock`` (POSIX; elsewhere, no lock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one process at a time is the caller's business
-        yield
-        return
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -142,11 +142,20 @@ def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     return saved
 
 
+def _dora_copies_weight(inputs: PlanInputs) -> bool:
+    """DoRA reads its base weight through a fresh copy in the adapter's fp32 (PEFT's ``weight.to(x.dtype)``): none
+    is made only where the base is already an unquantized fp32 weight."""
+    return inputs.quantized_base or inputs.weight_dtype != "fp32"
+
+
 def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """Token-independent activations per layer.
 
     Under autocast every fp32 adapter weight is used through a cached low-precision copy that the
-    backward keeps; DoRA also keeps the composed weight and W + BA per target.
+    backward keeps. DoRA with ``lora_dropout`` > 0 computes the base output itself, from its fp32 copy of
+    the weight, and ``F.linear`` keeps the weight it multiplied by (the autocast cast, or the fp32 copy itself in
+    fp32 runs) for its input's gradient: one weight-sized tensor per target. Without dropout PEFT reuses the
+    base layer's output and keeps nothing weight-sized (both measured on real tensors: docs/planner.md).
     """
     targets = lora_targets(spec, inputs)
     if not targets:
@@ -155,9 +164,33 @@ def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     total = 0.0
     if inputs.precision != "fp32":
         total += sum(2 * inputs.lora_r * (g.in_features + g.out_features) * g.count for g in targets)
-    if inputs.dora:
-        total += sum(2 * c * g.in_features * g.out_features * g.count for g in targets)
+    if inputs.dora and inputs.lora_dropout > 0 and (c != 4 or _dora_copies_weight(inputs)):
+        total += sum(c * g.in_features * g.out_features * g.count for g in targets)
     return total / spec.num_layers
+
+
+def dora_transient_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """The largest of DoRA's weight-norm temporaries, alive while one target's forward runs (also in the
+    recomputed forward under gradient checkpointing).
+
+    PEFT's ``DoraLinearLayer`` builds ``lora_B @ lora_A`` by passing an in x in identity through both (lora_A's
+    graph keeps the identity's low-precision cast until the forward returns), casts that product to the input's
+    fp32, copies the base weight to fp32, and adds the scaled product to it before taking the row norms:
+    about 2 in² + 18 in·out bytes at once under bf16 autocast, on the widest target. Before that, the fp32
+    identity and its cast are alive together with the product.
+    """
+    if not inputs.dora:
+        return 0.0
+    c, a = compute_bytes(inputs), 4  # PEFT keeps adapters, and casts their input, in fp32
+    base = a if _dora_copies_weight(inputs) else 0
+    peak = 0.0
+    for g in lora_targets(spec, inputs):
+        square, product = g.in_features * g.in_features, g.in_features * g.out_features
+        identity = c * square
+        building = identity + (a * square if c != a else 0) + c * product
+        norm = identity + (c + (a if c != a else 0) + base + 2 * a) * product  # + scaled product and the sum
+        peak = max(peak, building, norm)
+    return float(peak)
 
 
 def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:

@@ -180,6 +180,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     tokens = inputs.batch_size * inputs.seq_len
     layer = act.layer_bytes_per_token(spec, inputs) * tokens + act.layer_constant_bytes(spec, inputs)
     in_flight = act.backward_transient_bytes_per_token(spec, inputs) * tokens
+    dora = act.dora_transient_bytes(spec, inputs)  # while one layer's forward (or recomputed forward) runs
     logits = act.logits_bytes_per_token(spec, inputs)
     final_norm = act.norm_bytes(spec.hidden_size, inputs, 1) * tokens
     embed_out = act.stream_bytes(inputs) * spec.hidden_size * tokens
@@ -203,12 +204,15 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     head_cast = act.head_cast_bytes(spec, inputs)
     return {
         "forward": kept + logits.forward_peak * tokens + head_cast,
+        "forward_layer": kept,  # the last layer's forward, before the LM head
+        "forward_layer_transient": dora,
         "forward_cache": cache,
         # the loss's gradients are freed before the first checkpointed layer is recomputed
         "backward": kept + max(logits.backward_peak * tokens, in_flight) + head_cast,
         "backward_head": kept + in_flight + head_cast,
         "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
-        "layer": layer + in_flight + (kept if inputs.gradient_checkpointing else 0.0),
+        "layer": layer + (max(in_flight, dora) if inputs.gradient_checkpointing else in_flight)
+        + (kept if inputs.gradient_checkpointing else 0.0),
     }
 
 
@@ -237,6 +241,9 @@ def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
     return (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
 
 
+_PHASE_NAMES = {"backward_late": "backward", "backward_head": "backward", "forward_layer": "forward"}
+
+
 def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = None,
              budget_label: str | None = None, *, slack: bool = True) -> Plan:
     """The analytic plan: per-device peak and its breakdown. Pure arithmetic, no torch.
@@ -254,6 +261,8 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
     head_grad = head_gradient_bytes(spec, inputs) * share  # made first in the backward
     candidates = {
         "forward": (carried, phases["forward"], fwd_transient + sh.gathered),
+        "forward_layer": (carried, phases["forward_layer"],
+                          fwd_transient + phases["forward_layer_transient"] + sh.gathered),
         "backward": (carried, phases["backward"], phases["backward_cache"] + sh.gathered),
         # once the LM head's backward has run: its gradient, the loss's gradients freed
         "backward_head": (max(carried, head_grad), phases["backward_head"], phases["backward_cache"] + sh.gathered),
@@ -291,7 +300,7 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
         peak_bytes=sum(rounded.values()),
         allocated_peak_bytes=sum(v for k, v in rounded.items() if k not in FIXED),
         breakdown=rounded,
-        peak_phase="backward" if phase in ("backward_late", "backward_head") else phase,
+        peak_phase=_PHASE_NAMES.get(phase, phase),
         trainable_params=states.trainable_params,
         budget_bytes=budget_bytes,
         budget_label=budget_label,

@@ -135,6 +135,11 @@ class PlanInputs:
             return "fp32"
         return "fp16" if self.precision == "fp16-mixed" else "bf16"
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per element of the weights as loaded (``weight_dtype``)."""
+        return 4 if self.weight_dtype == "fp32" else 2
+
     def target_names(self) -> list[str] | None:
         """LoRA target module names, or None for ``all-linear``.
 

@@ -83,7 +83,7 @@ class _Step:
         self.shards = 1
         if inputs.shard in ("zero3", "fsdp") and inputs.fsdp_strategy != "shard_grad_op":
             self.shards = inputs.gpus if inputs.fsdp_strategy == "hybrid_shard" else inputs.world_size
-        self.param_bytes = 4 if inputs.weight_dtype == "fp32" else 2
+        self.param_bytes = inputs.weight_bytes
         self.grad_bytes = self.param_bytes if not inputs.is_peft else 4
         self.per_layer, self.frozen, self.extra = _tensors(spec, inputs)
         self.grads: list[int] = []
@@ -153,6 +153,7 @@ class _Step:
                 saved.append([self.alloc(act.checkpoint_bytes_per_token(spec, inputs) * tokens)])
             else:
                 saved.append(self.layer_activations(tokens))
+            self.dora_norm()
             if inputs.activation_offloading and len(saved) > 2:
                 self.free_all(saved[-3])  # copied to host memory; brought back in the backward
             self.free_all(unit)
@@ -164,6 +165,8 @@ class _Step:
                 saved[-1] = ([self.alloc(act.checkpoint_bytes_per_token(spec, inputs) * tokens)] if gc
                              else self.layer_activations(tokens))
             recomputed = self.layer_activations(tokens) if gc else []
+            if gc:
+                self.dora_norm()
             fresh = [self.alloc(p * self.grad_bytes / (self.shards if inputs.is_peft else 1))
                      for p in self.per_layer[index]]
             if not inputs.is_peft and self.shards > 1:
@@ -186,6 +189,12 @@ class _Step:
             self.free_all(head)
         self.free_all(h)
         self.free_all(mask)
+
+    def dora_norm(self) -> None:
+        """DoRA's weight-norm temporaries, made and freed inside a layer's forward."""
+        dora = act.dora_transient_bytes(self.spec, self.inputs)
+        if dora:
+            self._free(self.alloc(dora))
 
     def loss(self, tokens: int) -> None:
         """The vocabulary-sized tensors, in the order a traced step makes and frees them."""

@@ -49,7 +49,7 @@ def saved_module_bytes(inputs: PlanInputs) -> int:
     prepare_model_for_kbit_training)."""
     if inputs.quantized_base:
         return stream_bytes(inputs)
-    return 4 if inputs.weight_dtype == "fp32" else 2
+    return inputs.weight_bytes
 
 
 def head_gradient_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
@@ -57,7 +57,7 @@ def head_gradient_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     trained: full fine-tuning, or PEFT's modules_to_save copy of it."""
     head = spec.params_lm_head or spec.params_embedding
     if not inputs.is_peft:
-        return (4 if inputs.weight_dtype == "fp32" else 2) * head
+        return inputs.weight_bytes * head
     if "lm_head" in inputs.modules_to_save:
         return saved_module_bytes(inputs) * head
     return 0.0
@@ -92,7 +92,7 @@ def _optimizer_bytes(
 
 def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     """Bytes of weights, adapters, grads and optimizer states for one unsharded replica."""
-    wb = 4 if inputs.weight_dtype == "fp32" else 2
+    wb = inputs.weight_bytes
     if not inputs.is_peft:
         trainable = spec.params_total
         matrices = (g.in_features * g.out_features for g in spec.linears)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -289,19 +289,28 @@ def _retie(model: Any) -> None:
         getattr(out, "original_module", out).weight = getattr(inp, "original_module", inp).weight
 
 
-def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
+def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = False) -> TraceResult:
     """Peak memory of a training step of ``config`` under ``inputs``, traced without allocating.
 
-    Sharding is not traced: the result is a single-device step (``gpus=1``).
+    Sharding is not traced: the result is a single-device step (``gpus=1``). ``real=True`` runs the same step on
+    real CPU tensors (random weights; it allocates everything, so small configs only and no 4-bit base): a
+    reference without FakeTensorMode, whose objects can outlive their real counterparts until the cycle
+    collector runs.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+    if real and inputs.quantized_base:
+        raise ValueError("a real-tensor trace cannot hold a 4-bit base: trace it with real=False")
     model = build_traced_model(config, inputs)
     # Trainer autocasts whenever bf16/fp16 is on, also over a model loaded in bf16.
     autocast = inputs.precision != "fp32"
     amp_dtype = torch.float16 if inputs.precision == "fp16-mixed" else torch.bfloat16
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
+        if real:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.normal_(0.0, 0.02)
         # to_empty() replaces each module's parameters one by one, which unties shared weights.
         _retie(model.get_base_model() if hasattr(model, "get_base_model") else model)
         optimizer = _make_optimizer(model, inputs)
@@ -312,9 +321,9 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2) -> TraceResult:
         tracker.track_external(model, optimizer)
         with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
             # Collect the young generations first: Python's cycle collector then runs at the same points of
-            # every trace (it frees some tensors held in reference cycles, DoRA's among them, as it does in a
-            # real step); from wherever its counters stood, the traced peak varied by ~3% between runs. A full
-            # collection would cost ~0.3 s per trace in a large process.
+            # every trace (under FakeTensorMode some of DoRA's temporaries sit in reference cycles that real
+            # tensors do not form); from wherever its counters stood, the traced peak varied by ~3% between
+            # runs. A full collection would cost ~0.3 s per trace in a large process.
             gc.collect(1)
             for step in range(steps):
                 # unpacked batches vary in length: the first step is a shorter one, as the reserved model assumes

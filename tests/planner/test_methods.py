@@ -38,13 +38,12 @@ def test_an_unknown_method_names_the_table():
         PlanInputs(method="qdoraa")
 
 
-@pytest.mark.parametrize(("changes", "over"), [
-    pytest.param(dict(gradient_checkpointing=True), 0.08, marks=pytest.mark.slow),  # the quick tier keeps two
-    (dict(lora_targets="q_proj,v_proj", batch_size=4, seq_len=512), 0.08),
-    # without checkpointing DoRA's weight-sized terms lean high, as for 16-bit DoRA on this config (+7.6%)
-    (dict(), 0.12),
+@pytest.mark.parametrize("changes", [
+    pytest.param(dict(gradient_checkpointing=True), marks=pytest.mark.slow),  # the quick tier keeps two
+    dict(lora_targets="q_proj,v_proj", batch_size=4, seq_len=512),
+    dict(),
 ])
-def test_qdora_plan_matches_a_traced_step(changes, over):
+def test_qdora_plan_matches_a_traced_step(changes):
     # the tracer's 4-bit stand-in dequantizes for DoRA's weight norm the way PEFT does for bitsandbytes
     from hf_ftkit.planner.structure import config_from_dict, spec_from_config
     from hf_ftkit.planner.trace import trace_step
@@ -54,4 +53,4 @@ def test_qdora_plan_matches_a_traced_step(changes, over):
     traced = trace_step(config_from_dict(config), inputs)
     planned = estimate(spec_from_config(config_from_dict(config), "llama-4-layers"), inputs)
     # the trace itself varies by ~2% between runs (when Python frees reference cycles): ±8% is the target
-    assert 0.92 * traced.peak_bytes <= planned.allocated_peak_bytes <= (1 + over) * traced.peak_bytes
+    assert planned.allocated_peak_bytes == pytest.approx(traced.peak_bytes, rel=0.08)

@@ -20,6 +20,12 @@ def compute_bytes(inputs: PlanInputs) -> int:
     return 4 if inputs.precision == "fp32" else 2
 
 
+def adapter_bytes(inputs: PlanInputs) -> int:
+    """Bytes per element of what a LoRA branch computes on: the compute dtype under autocast; without it, PEFT's
+    fp32 adapters run on an fp32 copy of the input (``autocast_adapter_dtype``)."""
+    return compute_bytes(inputs) if inputs.autocast else 4
+
+
 def stream_bytes(inputs: PlanInputs) -> int:
     """Bytes per element of the residual stream and of what stays in its dtype: norm outputs, a 4-bit linear's
     output (bitsandbytes returns it in its input's dtype) and the MLP intermediates built from them.
@@ -128,16 +134,18 @@ def _mlp_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 
 def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """What the adapter branches keep per layer: their (dropout) input and the rank-r projection."""
-    c = compute_bytes(inputs)
+    c, b = compute_bytes(inputs), adapter_bytes(inputs)
     saved = 0.0
     for g in lora_targets(spec, inputs):
         per_layer = g.count / spec.num_layers
-        # PEFT casts the input to the adapter dtype per target; lora_A keeps that copy (after dropout),
-        # dropout keeps a one-byte mask
-        per_target = c * g.in_features + (g.in_features if inputs.lora_dropout > 0 else 0)
-        per_target += c * inputs.lora_r  # lora_A output, kept by lora_B
+        # PEFT casts the input to the adapter dtype per target; lora_A keeps that copy (after dropout; under
+        # autocast its low-precision cast), dropout keeps a one-byte mask
+        per_target = b * g.in_features + (g.in_features if inputs.lora_dropout > 0 else 0)
+        per_target += b * inputs.lora_r  # lora_A output, kept by lora_B
         if inputs.dora:
-            per_target += 2 * c * g.out_features  # base output and the magnitude-scaled result
+            # the base output (with dropout, DoRA's own product in the adapter dtype) and the branch's result, both
+            # kept by the magnitude's multiplications
+            per_target += ((b if inputs.lora_dropout > 0 else c) + b) * g.out_features
         saved += per_layer * per_target
     return saved
 
@@ -153,19 +161,19 @@ def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 
     Under autocast every fp32 adapter weight is used through a cached low-precision copy that the
     backward keeps. DoRA with ``lora_dropout`` > 0 computes the base output itself, from its fp32 copy of
-    the weight, and ``F.linear`` keeps the weight it multiplied by (the autocast cast, or the fp32 copy itself in
-    fp32 runs) for its input's gradient: one weight-sized tensor per target. Without dropout PEFT reuses the
+    the weight, and ``F.linear`` keeps the weight it multiplied by (the autocast cast, or the fp32 copy itself
+    without autocast) for its input's gradient: one weight-sized tensor per target. Without dropout PEFT reuses the
     base layer's output and keeps nothing weight-sized (both measured on real tensors: docs/planner.md).
     """
     targets = lora_targets(spec, inputs)
     if not targets:
         return 0.0
-    c = compute_bytes(inputs)
+    b = adapter_bytes(inputs)
     total = 0.0
-    if inputs.precision != "fp32":
+    if inputs.autocast:
         total += sum(2 * inputs.lora_r * (g.in_features + g.out_features) * g.count for g in targets)
-    if inputs.dora and inputs.lora_dropout > 0 and (c != 4 or _dora_copies_weight(inputs)):
-        total += sum(c * g.in_features * g.out_features * g.count for g in targets)
+    if inputs.dora and inputs.lora_dropout > 0 and (b != 4 or _dora_copies_weight(inputs)):
+        total += sum(b * g.in_features * g.out_features * g.count for g in targets)
     return total / spec.num_layers
 
 
@@ -181,7 +189,7 @@ def dora_transient_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """
     if not inputs.dora:
         return 0.0
-    c, a = compute_bytes(inputs), 4  # PEFT keeps adapters, and casts their input, in fp32
+    c, a = adapter_bytes(inputs), 4  # PEFT keeps adapters, and casts their input, in fp32
     base = a if _dora_copies_weight(inputs) else 0
     peak = 0.0
     for g in lora_targets(spec, inputs):

@@ -211,8 +211,8 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
         "backward": kept + max(logits.backward_peak * tokens, in_flight) + head_cast,
         "backward_head": kept + in_flight + head_cast,
         "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
-        "layer": layer + (max(in_flight, dora) if inputs.gradient_checkpointing else in_flight)
-        + (kept if inputs.gradient_checkpointing else 0.0),
+        # under checkpointing the layer is recomputed in the backward, DoRA's norm temporaries with it
+        "layer": layer + (kept + max(in_flight, dora) if inputs.gradient_checkpointing else in_flight),
     }
 
 

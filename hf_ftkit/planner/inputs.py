@@ -136,6 +136,16 @@ class PlanInputs:
         return "fp16" if self.precision == "fp16-mixed" else "bf16"
 
     @property
+    def autocast(self) -> bool:
+        """The step runs under autocast. ``bf16`` with an adapter on a 16-bit base is a run without it (Trainer's
+        flags off over a bf16 model, as ``plan_from_training`` maps it, or a custom loop): PEFT then runs its fp32
+        adapters on an fp32 copy of each target's input. Full fine-tuning and a 4-bit base are planned under
+        autocast whatever the precision (Trainer autocasts whenever a flag is on)."""
+        if self.precision == "fp32":
+            return False
+        return not (self.is_peft and not self.quantized_base and self.precision == "bf16")
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes per element of the weights as loaded (``weight_dtype``)."""
         return 4 if self.weight_dtype == "fp32" else 2

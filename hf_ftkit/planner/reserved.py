@@ -86,6 +86,7 @@ class _Step:
         self.param_bytes = inputs.weight_bytes
         self.grad_bytes = self.param_bytes if not inputs.is_peft else 4
         self.per_layer, self.frozen, self.extra = _tensors(spec, inputs)
+        self.dora = act.dora_transient_bytes(spec, inputs)  # per layer's forward; the same every time
         self.grads: list[int] = []
         self.states_made = False
         self._layer_sizes: dict[int, list[float]] = {}
@@ -192,9 +193,8 @@ class _Step:
 
     def dora_norm(self) -> None:
         """DoRA's weight-norm temporaries, made and freed inside a layer's forward."""
-        dora = act.dora_transient_bytes(self.spec, self.inputs)
-        if dora:
-            self._free(self.alloc(dora))
+        if self.dora:
+            self._free(self.alloc(self.dora))
 
     def loss(self, tokens: int) -> None:
         """The vocabulary-sized tensors, in the order a traced step makes and frees them."""

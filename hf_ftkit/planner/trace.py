@@ -302,8 +302,9 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
     if real and inputs.quantized_base:
         raise ValueError("a real-tensor trace cannot hold a 4-bit base: trace it with real=False")
     model = build_traced_model(config, inputs)
-    # Trainer autocasts whenever bf16/fp16 is on, also over a model loaded in bf16.
-    autocast = inputs.precision != "fp32"
+    # Trainer autocasts whenever bf16/fp16 is on, also over a model loaded in bf16; an adapter run at precision
+    # bf16 is one without the flags (PlanInputs.autocast)
+    autocast = inputs.autocast
     amp_dtype = torch.float16 if inputs.precision == "fp16-mixed" else torch.bfloat16
     with nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")

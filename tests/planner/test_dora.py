@@ -51,3 +51,23 @@ def test_dora_keeps_a_weight_copy_per_target_only_with_dropout():
 def test_real_trace_refuses_a_4bit_base():
     with pytest.raises(ValueError, match="real=False"):
         trace_step(config_from_dict(dict(SMALL)), PlanInputs(method="qlora"), real=True)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_adapters_without_autocast_match_a_real_step(method, dropout):
+    # precision bf16 with an adapter: a bf16 base with Trainer's flags off (or a loop that never autocasts), where
+    # PEFT runs its fp32 adapters on an fp32 copy of each target's input; the trace runs it without autocast too
+    inputs = PlanInputs(method=method, precision="bf16", optim="adamw_torch", lora_dropout=dropout, seq_len=512)
+    assert not inputs.autocast
+    real = trace_step(config_from_dict(dict(SMALL)), inputs, real=True).peak_bytes
+    planned = estimate(spec_from_config(dict(SMALL), "small-llama"), inputs).allocated_peak_bytes
+    assert planned == pytest.approx(real, rel=0.08)
+
+
+def test_autocast_is_off_only_for_adapters_on_a_16_bit_base_at_precision_bf16():
+    assert not PlanInputs(method="lora", precision="bf16").autocast
+    assert PlanInputs(method="lora", precision="bf16-mixed").autocast
+    assert PlanInputs(method="full", precision="bf16").autocast  # Trainer's flag over a bf16 model
+    assert PlanInputs(method="qlora", precision="bf16").autocast  # a 4-bit base is planned under autocast
+    assert not PlanInputs(method="lora", precision="fp32").autocast

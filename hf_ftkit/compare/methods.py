@@ -18,9 +18,9 @@ from typing import Any, Literal
 from hf_ftkit._data import load
 from hf_ftkit.compare.flops import FlopsPerToken, flops_per_token
 from hf_ftkit.errors import BadInputError
-from hf_ftkit.planner.api import plan
+from hf_ftkit.planner.api import formulas_are_the_plan, plan
 from hf_ftkit.planner.budget import find_gpu, known_gpus
-from hf_ftkit.planner.estimate import Plan
+from hf_ftkit.planner.estimate import Plan, estimate
 from hf_ftkit.planner.inputs import METHODS, PlanInputs
 from hf_ftkit.planner.methods import MethodInfo, method_info, quantized_twin, registry
 from hf_ftkit.planner.resolve import resolve_model
@@ -161,18 +161,29 @@ def find_placement(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int, *, ch
     for count in gpu_counts(max_gpus, per_node):
         nodes, gpus = (1, count) if count <= per_node else (count // per_node, per_node)
         for recompute in options:
-            fitting = []
-            for shard in ("none",) if count == 1 else MULTI_GPU_SHARDS:
+            bounded = []
+            for index, shard in enumerate(("none",) if count == 1 else MULTI_GPU_SHARDS):
                 changes: dict[str, Any] = {"gpus": gpus, "nodes": nodes, "shard": shard,
                                            "gradient_checkpointing": recompute}
                 if inputs.quantized_base and shard != "none":
                     changes["quant_storage"] = "bf16"  # FSDP/ZeRO-3 can only shard 4-bit weights stored as bf16
-                result = plan(spec, inputs.replace(**changes), budget=budget_bytes)
-                if result.fits:
-                    fitting.append((result.peak_bytes, shard, result))
-            if fitting:
-                _, shard, best = min(fitting, key=lambda item: item[0])
-                return Placement(count, nodes, gpus, shard, recompute, best)
+                candidate = inputs.replace(**changes)
+                # the plan without the allocator's slack is a lower bound of the plan's peak (the replay of the
+                # allocator is most of a plan's time): past the budget, or past the best peak found, it is final
+                bound = 0
+                if formulas_are_the_plan(spec, candidate):
+                    bound = estimate(spec, candidate, slack=False).peak_bytes
+                if bound <= budget_bytes:
+                    bounded.append((bound, index, shard, candidate))
+            best: tuple[int, int, str, Plan] | None = None
+            for bound, index, shard, candidate in sorted(bounded, key=lambda item: item[:2]):
+                if best is not None and (bound, index) > best[:2]:
+                    break
+                result = plan(spec, candidate, budget=budget_bytes)
+                if result.fits and (best is None or (result.peak_bytes, index) < best[:2]):
+                    best = (result.peak_bytes, index, shard, result)
+            if best is not None:
+                return Placement(count, nodes, gpus, best[2], recompute, best[3])
     return None
 
 

@@ -70,6 +70,12 @@ def plan(
     return result
 
 
+def formulas_are_the_plan(spec: ModelSpec, inputs: PlanInputs) -> bool:
+    """:func:`plan` (not exact) is :func:`estimate`'s arithmetic, with no traced layers added: then
+    ``estimate(..., slack=False)`` is a lower bound of its peak."""
+    return layer_trace.validated(spec.model_type) and not _adapts_fused_experts(spec, inputs)
+
+
 def _adapts_fused_experts(spec: ModelSpec, inputs: PlanInputs) -> bool:
     """All-linear LoRA on an MoE model whose experts are 3-D parameters (transformers 5), not one nn.Linear per
     expert: PEFT wraps those parameters too."""

@@ -158,3 +158,26 @@ def test_dora_and_qlora_time_is_loras_times_their_published_slowdown():
         assert low < row.hours < high and row.hours > lora.hours
         assert row.to_dict()["throughput_vs_lora"]["sources"]
     assert result.rows["lora"].hours_range is None and result.rows["full"].to_dict()["throughput_vs_lora"] is None
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora"])
+def test_pruned_placement_is_the_exhaustive_searchs(method):
+    # find_placement skips plans whose slack-free lower bound cannot fit or cannot beat the best found; the
+    # placement must be the one planning every count and shard in order would pick
+    spec, budget = "meta-llama/Llama-3.1-8B", 20 * 2**30
+    inputs = PlanInputs(method=method, seq_len=4096)
+    expected = None
+    for count in gpu_counts(64, 8):
+        nodes, gpus = (1, count) if count <= 8 else (count // 8, 8)
+        for recompute in (False, True):
+            fitting = [plan(spec, inputs.replace(gpus=gpus, nodes=nodes, shard=shard, gradient_checkpointing=recompute),
+                            budget=budget) for shard in (("none",) if count == 1 else ("fsdp", "zero3"))]
+            fitting = [p for p in fitting if p.fits]
+            if fitting:
+                expected = min(fitting, key=lambda p: p.peak_bytes)
+                break
+        if expected is not None:
+            break
+    found = find_placement(plan(spec, inputs).model, inputs, budget, max_gpus=64)
+    assert expected is not None and found is not None
+    assert found.plan.inputs == expected.inputs and found.plan.peak_bytes == expected.peak_bytes

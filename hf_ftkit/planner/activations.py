@@ -21,9 +21,23 @@ def compute_bytes(inputs: PlanInputs) -> int:
 
 
 def adapter_bytes(inputs: PlanInputs) -> int:
-    """Bytes per element of what a LoRA branch computes on: the compute dtype under autocast; without it, PEFT's
-    fp32 adapters run on an fp32 copy of the input (``autocast_adapter_dtype``)."""
-    return compute_bytes(inputs) if inputs.autocast else 4
+    """Bytes per element of what a LoRA branch computes on: the compute dtype under autocast; without it, the
+    adapter's own dtype (PEFT casts each target's input to it: fp32 by default, ``autocast_adapter_dtype``)."""
+    return compute_bytes(inputs) if inputs.autocast else inputs.adapter_param_bytes
+
+
+def _stream_dtype(inputs: PlanInputs) -> str:
+    return "fp32" if stream_bytes(inputs) == 4 else inputs.compute_dtype_name
+
+
+def adapter_input_copied(inputs: PlanInputs) -> bool:
+    """lora_A keeps a tensor of its own for each target: dropout's output, PEFT's cast of the input to the adapter
+    dtype, or autocast's cast of that to the compute dtype. Only adapters in the stream's own dtype without dropout
+    keep the input itself, which the targets reading one norm's output (q, k, v) then share (the frozen base
+    linear keeps none)."""
+    same = inputs.adapter_dtype == _stream_dtype(inputs)
+    cast = inputs.autocast and inputs.adapter_dtype != inputs.compute_dtype_name
+    return inputs.lora_dropout > 0 or not same or cast
 
 
 def stream_bytes(inputs: PlanInputs) -> int:
@@ -56,6 +70,11 @@ def is_gated(spec: ModelSpec) -> bool:
 # Linears fed by something other than a norm's output (attention output, MLP product). The rest of a
 # layer's linears read a norm's output; under autocast each of them keeps its own low-precision cast.
 _SECOND_LINEARS = frozenset({"o_proj", "down_proj", "out_proj", "dense", "w2", "fc2", "c_proj", "dense_4h_to_h", "wo"})
+
+
+# Linears reading the attention's input norm (the rest of the norm-fed ones read the MLP's).
+_ATTENTION_INPUTS = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack",
+                               "query", "key", "value", "q_a_proj", "kv_a_proj_with_mqa"})
 
 
 def norm_fed_linears_per_layer(spec: ModelSpec) -> int:
@@ -135,18 +154,24 @@ def _mlp_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """What the adapter branches keep per layer: their (dropout) input and the rank-r projection."""
     c, b = compute_bytes(inputs), adapter_bytes(inputs)
+    copied = adapter_input_copied(inputs)
     saved = 0.0
     for g in lora_targets(spec, inputs):
         per_layer = g.count / spec.num_layers
         # PEFT casts the input to the adapter dtype per target; lora_A keeps that copy (after dropout; under
         # autocast its low-precision cast), dropout keeps a one-byte mask
-        per_target = b * g.in_features + (g.in_features if inputs.lora_dropout > 0 else 0)
+        per_target = (b * g.in_features if copied or g.name in _SECOND_LINEARS else 0)
+        per_target += g.in_features if inputs.lora_dropout > 0 else 0
         per_target += b * inputs.lora_r  # lora_A output, kept by lora_B
         if inputs.dora:
             # the base output (with dropout, DoRA's own product in the adapter dtype) and the branch's result, both
             # kept by the magnitude's multiplications
             per_target += ((b if inputs.lora_dropout > 0 else c) + b) * g.out_features
         saved += per_layer * per_target
+    if not copied:  # one shared input per norm read: the attention's, the MLP's
+        fed = [g for g in lora_targets(spec, inputs) if g.name not in _SECOND_LINEARS]
+        sides = {g.name in _ATTENTION_INPUTS for g in fed}
+        saved += sum(max(g.in_features for g in fed if (g.name in _ATTENTION_INPUTS) == side) for side in sides) * b
     return saved
 
 
@@ -159,18 +184,19 @@ def _dora_copies_weight(inputs: PlanInputs) -> bool:
 def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """Token-independent activations per layer.
 
-    Under autocast every fp32 adapter weight is used through a cached low-precision copy that the
-    backward keeps. DoRA with ``lora_dropout`` > 0 computes the base output itself, from its fp32 copy of
-    the weight, and ``F.linear`` keeps the weight it multiplied by (the autocast cast, or the fp32 copy itself
-    without autocast) for its input's gradient: one weight-sized tensor per target. Without dropout PEFT reuses the
-    base layer's output and keeps nothing weight-sized (both measured on real tensors: docs/planner.md).
+    Under autocast every adapter weight not in the compute dtype (PEFT's fp32) is used through a cached
+    low-precision copy that the backward keeps. DoRA with ``lora_dropout`` > 0 computes the base output itself,
+    from its fp32 copy of the weight, and ``F.linear`` keeps the weight it multiplied by (the autocast cast, or
+    the fp32 copy itself without autocast) for its input's gradient: one weight-sized tensor per target. Without
+    dropout PEFT reuses the base layer's output and keeps nothing weight-sized (both measured on real tensors:
+    docs/planner.md).
     """
     targets = lora_targets(spec, inputs)
     if not targets:
         return 0.0
     b = adapter_bytes(inputs)
     total = 0.0
-    if inputs.autocast:
+    if inputs.autocast and inputs.adapter_dtype != inputs.compute_dtype_name:
         total += sum(2 * inputs.lora_r * (g.in_features + g.out_features) * g.count for g in targets)
     if inputs.dora and inputs.lora_dropout > 0 and (b != 4 or _dora_copies_weight(inputs)):
         total += sum(b * g.in_features * g.out_features * g.count for g in targets)

@@ -15,7 +15,7 @@ from hf_ftkit.errors import BadInputError
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.estimate import Plan
 from hf_ftkit.planner.inputs import PlanInputs
-from hf_ftkit.planner.methods import method_info, quantized_twin
+from hf_ftkit.planner.methods import MethodInfo, method_info, quantized_twin
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
 
@@ -192,7 +192,26 @@ def inputs_from_training(
             values["shard"] = "ddp"
     if seq_len:
         values["seq_len"] = int(seq_len)
+    if method != "full":
+        values["adapter_dtype"] = _adapter_dtype(model, args, values.get("shard", "none"), method_info(method))
     return PlanInputs(**values)
+
+
+def _adapter_dtype(model: Any, args: Any, shard: str, info: MethodInfo) -> str:
+    """The LoRA weights' dtype: a PeftModel's own; else what the trainer will make of them. PEFT keeps them in fp32
+    (``autocast_adapter_dtype``); TRL's trainers cast a 4-bit base's adapters to bf16, and under DeepSpeed ZeRO-3
+    create them in the base's dtype (``autocast_adapter_dtype=False``)."""
+    named = getattr(model, "named_parameters", None)
+    if callable(named):
+        for name, param in named():
+            if "lora_A" in name:
+                return from_torch(param.dtype) or "fp32"
+    if type(args).__module__.split(".")[0] == "trl":
+        if info.quantized_base:
+            return "bf16"
+        if shard == "zero3":
+            return _model_dtype(model) or "bf16"
+    return "fp32"
 
 
 def plan_from_training(

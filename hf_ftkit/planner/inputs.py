@@ -51,6 +51,10 @@ class PlanInputs:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_targets: str = field(default="all-linear", metadata={"help": "'all-linear' or a comma-separated list."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (>0 keeps a dropout mask)."})
+    adapter_dtype: str = field(default="fp32", metadata={
+        "help": "dtype of the LoRA weights: fp32 (PEFT's default, autocast_adapter_dtype=True) or bf16/fp16 "
+                "(autocast_adapter_dtype=False; TRL's SFTTrainer casts a 4-bit base's adapters to bf16).",
+        "choices": ("fp32", "bf16", "fp16")})
     modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "Fully trained modules (PEFT)."})
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type.", "choices": QUANT_TYPES})
     double_quant: bool = field(default=True, metadata={"help": "bnb_4bit_use_double_quant."})
@@ -86,6 +90,7 @@ class PlanInputs:
         _choice("offload", self.offload, OFFLOADS)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLS)
         _choice("quant_type", self.quant_type, QUANT_TYPES)
+        _choice("adapter_dtype", self.adapter_dtype, ("fp32", "bf16", "fp16"))
         _choice("optim", self.optim, tuple(sorted(load("optimizers")["optimizers"])))
         for name in ("batch_size", "seq_len", "gradient_accumulation_steps", "lora_r", "gpus", "nodes"):
             value = getattr(self, name)
@@ -144,6 +149,18 @@ class PlanInputs:
         if self.precision == "fp32":
             return False
         return not (self.is_peft and not self.quantized_base and self.precision == "bf16")
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """The dtype the step computes in: fp32, or the autocast/16-bit dtype."""
+        if self.precision == "fp32":
+            return "fp32"
+        return "fp16" if self.precision == "fp16-mixed" else "bf16"
+
+    @property
+    def adapter_param_bytes(self) -> int:
+        """Bytes per element of the adapter weights (``adapter_dtype``), and of their gradients."""
+        return 4 if self.adapter_dtype == "fp32" else 2
 
     @property
     def weight_bytes(self) -> int:

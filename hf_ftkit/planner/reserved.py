@@ -84,7 +84,7 @@ class _Step:
         if inputs.shard in ("zero3", "fsdp") and inputs.fsdp_strategy != "shard_grad_op":
             self.shards = inputs.gpus if inputs.fsdp_strategy == "hybrid_shard" else inputs.world_size
         self.param_bytes = inputs.weight_bytes
-        self.grad_bytes = self.param_bytes if not inputs.is_peft else 4
+        self.grad_bytes = self.param_bytes if not inputs.is_peft else inputs.adapter_param_bytes
         self.per_layer, self.frozen, self.extra = _tensors(spec, inputs)
         self.dora = act.dora_transient_bytes(spec, inputs)  # per layer's forward; the same every time
         self.grads: list[int] = []
@@ -107,7 +107,7 @@ class _Step:
 
     def load_model(self) -> None:
         on_device = 0.0 if self.inputs.offload == "params" else 1.0 / self.shards
-        adapter_bytes = 4 if self.inputs.is_peft else self.param_bytes
+        adapter_bytes = self.inputs.adapter_param_bytes if self.inputs.is_peft else self.param_bytes
         extra_bytes = self.param_bytes if not self.inputs.is_peft else (4 if self.inputs.precision == "fp32" else 2)
         sizes = [*self.frozen, *(p * adapter_bytes for layer in self.per_layer for p in layer),
                  *(p * extra_bytes for p in self.extra)]
@@ -231,7 +231,7 @@ class _Step:
         table = load("optimizers")
         info = table["optimizers"][self.inputs.optim]
         if self.inputs.offload == "none" and not self.states_made:
-            per = 4 if self.inputs.is_peft or info["state_dtype"] == "fp32" else self.param_bytes
+            per = 4 if info["state_dtype"] == "fp32" else self.grad_bytes  # torch keeps states in the param's dtype
             if info["state_dtype"] == "int8":
                 per = 1
             trainable = [p for layer in self.per_layer for p in layer] + self.extra

@@ -107,11 +107,11 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
     saved_modules = modules_to_save_params(spec, inputs)
     trainable = adapters + saved_modules
     largest = max([saved_modules] + [g.out_features * inputs.lora_r for g in lora_targets(spec, inputs)] + [1])
-    # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype) even over a bf16 base; its modules_to_save
-    # copies keep the copied module's dtype (fp32 on a 4-bit base after prepare_model_for_kbit_training), and
-    # so do their gradients and (torch optimizers) their states.
+    # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype) even over a bf16 base, unless adapter_dtype
+    # says otherwise; its modules_to_save copies keep the copied module's dtype (fp32 on a 4-bit base after
+    # prepare_model_for_kbit_training), and so do their gradients and (torch optimizers) their states.
     saved_bytes = saved_module_bytes(inputs)
-    adapter_bytes = 4 * adapters + saved_bytes * saved_modules
+    adapter_bytes = inputs.adapter_param_bytes * adapters + saved_bytes * saved_modules
     base_bytes = 4 if inputs.precision == "fp32" else 2
     quant = 0.0
     if inputs.quantized_base:
@@ -124,7 +124,7 @@ def model_states(spec: ModelSpec, inputs: PlanInputs) -> ModelStates:
         quant = blocks * (1 + 4 / load("constants")["double_quant_block"]) if inputs.double_quant else blocks * 4
     else:
         weights = base_bytes * spec.params_total
-    grads = 4.0 * adapters + saved_bytes * saved_modules
+    grads = float(inputs.adapter_param_bytes * adapters + saved_bytes * saved_modules)
     states, temp = _optimizer_bytes(trainable, adapter_bytes, largest, inputs.optim, spec)
     return ModelStates(
         weights=weights, quant_constants=quant, adapter_weights=adapter_bytes, gradients=grads,

@@ -205,6 +205,11 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
                 for param in model.parameters():
                     if param.dtype in (torch.bfloat16, torch.float16):
                         param.data = param.data.float()
+        if inputs.adapter_dtype != "fp32":
+            # autocast_adapter_dtype=False, or TRL's cast of a 4-bit base's adapters (DoRA's magnitudes stay fp32)
+            for name, param in model.named_parameters():
+                if "lora_" in name and "magnitude" not in name:
+                    param.data = param.data.to(to_torch(inputs.adapter_dtype))
     model.train()
     return model
 

@@ -141,3 +141,22 @@ def test_a_recipe_loading_a_4bit_base_in_fp32_keeps_an_fp32_stream(tmp_path):
         recipe = load_recipe(write_recipe(tmp_path / f"{dtype}.yaml", model_name_or_path="Qwen/Qwen2.5-0.5B",
                                           dtype=dtype, bf16=True, load_in_4bit=True, method="qlora"))
         assert plan_recipe(recipe).setup.inputs.kbit_upcast is upcast
+
+
+def test_adapter_dtype_is_what_the_trainer_makes_of_the_adapters(tmp_path, tiny_llama_config):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
+    from trl import SFTConfig
+
+    bnb, lora = BitsAndBytesConfig(load_in_4bit=True), LoraConfig(r=8, target_modules="all-linear")
+    sft = SFTConfig(output_dir=str(tmp_path), use_cpu=True)
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    # TRL's SFTTrainer casts a 4-bit base's adapters to bf16; Trainer leaves PEFT's fp32
+    assert inputs_from_training(sft, lora, bnb).adapter_dtype == "bf16"
+    assert inputs_from_training(plain, lora, bnb).adapter_dtype == "fp32"
+    assert inputs_from_training(sft, lora).adapter_dtype == "fp32"
+    # a PeftModel says it itself
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config), dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]), autocast_adapter_dtype=False)
+    assert inputs_from_training(plain, lora, None, peft_model).adapter_dtype == "bf16"
+    assert inputs_from_training(plain, None, None, peft_model).adapter_dtype == "fp32"  # no LoraConfig: full

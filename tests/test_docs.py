@@ -15,6 +15,7 @@ def build(root: Path, site: Path) -> subprocess.CompletedProcess:
                           cwd=root, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a full docs build (about 20 s of the quick tier's 3 minutes); .ci/run builds it too
 def test_site_builds_strict_with_generated_cli_reference_and_api(tmp_path):
     result = build(ROOT, tmp_path / "site")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -61,6 +61,7 @@ def test_default_mode_warns_instead(tmp_path, tiny_llama_config):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # torchrun tests share one worker
 def test_logs_under_torchrun_ddp(tmp_path, tiny_llama_config):
     script = Path(__file__).with_name("ddp_train.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]  # torchrun tests share one worker
 
 
 def test_two_ranks_equal_one_process(smollm2_dir, tmp_path):

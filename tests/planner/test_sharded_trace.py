@@ -11,6 +11,9 @@ from hf_ftkit.planner.estimate import estimate
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.structure import spec_from_config
 
+# torchrun tests share one worker: two at once oversubscribe the cores (see pyproject's addopts)
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sharded_trace.py"
 
 

@@ -13,6 +13,9 @@ import pytest
 
 from tests.recipes.conftest import ROOT, write_recipe
 
+# torchrun tests share one worker: two at once oversubscribe the cores (see pyproject's addopts)
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))

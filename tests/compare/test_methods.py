@@ -161,7 +161,7 @@ def test_dora_and_qlora_time_is_loras_times_their_published_slowdown():
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "dora"])
-def test_pruned_placement_is_the_exhaustive_searchs(method):
+def test_pruned_placement_is_the_one_an_exhaustive_search_finds(method):
     # find_placement skips plans whose slack-free lower bound cannot fit or cannot beat the best found; the
     # placement must be the one planning every count and shard in order would pick
     spec, budget = "meta-llama/Llama-3.1-8B", 20 * 2**30

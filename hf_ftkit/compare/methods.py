@@ -161,7 +161,7 @@ def find_placement(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int, *, ch
     for count in gpu_counts(max_gpus, per_node):
         nodes, gpus = (1, count) if count <= per_node else (count // per_node, per_node)
         for recompute in options:
-            bounded = []
+            bounded: list[tuple[int, int, PlanInputs]] = []
             for index, shard in enumerate(("none",) if count == 1 else MULTI_GPU_SHARDS):
                 changes: dict[str, Any] = {"gpus": gpus, "nodes": nodes, "shard": shard,
                                            "gradient_checkpointing": recompute}
@@ -174,16 +174,16 @@ def find_placement(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int, *, ch
                 if formulas_are_the_plan(spec, candidate):
                     bound = estimate(spec, candidate, slack=False).peak_bytes
                 if bound <= budget_bytes:
-                    bounded.append((bound, index, shard, candidate))
-            best: tuple[int, int, str, Plan] | None = None
-            for bound, index, shard, candidate in sorted(bounded, key=lambda item: item[:2]):
+                    bounded.append((bound, index, candidate))
+            best: tuple[int, int, Plan] | None = None  # (peak, shard's index: the tie-break, plan)
+            for bound, index, candidate in sorted(bounded, key=lambda item: item[:2]):
                 if best is not None and (bound, index) > best[:2]:
                     break
                 result = plan(spec, candidate, budget=budget_bytes)
                 if result.fits and (best is None or (result.peak_bytes, index) < best[:2]):
-                    best = (result.peak_bytes, index, shard, result)
+                    best = (result.peak_bytes, index, result)
             if best is not None:
-                return Placement(count, nodes, gpus, best[2], recompute, best[3])
+                return Placement(count, nodes, gpus, best[2].inputs.shard, recompute, best[2])
     return None
 
 

@@ -26,10 +26,10 @@ def test_dora_plan_matches_a_real_step(changes):
 @pytest.mark.slow
 @pytest.mark.parametrize("changes", [dict(), dict(lora_dropout=0.0)])
 def test_dora_plan_matches_a_real_step_of_llama_1b_layers(changes):
-    # Llama-3.2-1B's decoder shapes at four layers (a 32k vocabulary: its 128k LM head was a third of the test's
-    # time); with the full vocabulary, before the weight copy was counted once and only with dropout, the plan was
-    # 11.6% and 22.3% over these two cases
-    config = dict(resolve_model("meta-llama/Llama-3.2-1B").config, num_hidden_layers=4, vocab_size=32000)
+    # Llama-3.2-1B's shapes at four layers; before the weight copy was counted once, and only with dropout, the
+    # plan was 11.6% and 22.3% over the first two cases. Its full 128k vocabulary stays: with a 32k one the step's
+    # DoRA graphs that the tracer's hooks hold in reference cycles weigh more, and one CI run read -11%
+    config = dict(resolve_model("meta-llama/Llama-3.2-1B").config, num_hidden_layers=4)
     inputs = PlanInputs(**{"method": "dora", "seq_len": 1024, **changes})
     real = trace_step(config_from_dict(dict(config)), inputs, real=True).peak_bytes
     planned = estimate(spec_from_config(config_from_dict(dict(config)), "llama-4-layers"), inputs)

@@ -17,7 +17,7 @@ from hf_ftkit.planner.spec import LinearGroup, ModelSpec
 
 def compute_bytes(inputs: PlanInputs) -> int:
     """Bytes per element of activations (autocast dtype, or fp32)."""
-    return 4 if inputs.precision == "fp32" else 2
+    return 4 if inputs.compute_dtype_name == "fp32" else 2
 
 
 def adapter_bytes(inputs: PlanInputs) -> int:
@@ -155,8 +155,9 @@ def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """What the adapter branches keep per layer: their (dropout) input and the rank-r projection."""
     c, b = compute_bytes(inputs), adapter_bytes(inputs)
     copied = adapter_input_copied(inputs)
+    targets = lora_targets(spec, inputs)
     saved = 0.0
-    for g in lora_targets(spec, inputs):
+    for g in targets:
         per_layer = g.count / spec.num_layers
         # PEFT casts the input to the adapter dtype per target; lora_A keeps that copy (after dropout; under
         # autocast its low-precision cast), dropout keeps a one-byte mask
@@ -169,7 +170,7 @@ def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
             per_target += ((b if inputs.lora_dropout > 0 else c) + b) * g.out_features
         saved += per_layer * per_target
     if not copied:  # one shared input per norm read: the attention's, the MLP's
-        fed = [g for g in lora_targets(spec, inputs) if g.name not in _SECOND_LINEARS]
+        fed = [g for g in targets if g.name not in _SECOND_LINEARS]
         sides = {g.name in _ATTENTION_INPUTS for g in fed}
         saved += sum(max(g.in_features for g in fed if (g.name in _ATTENTION_INPUTS) == side) for side in sides) * b
     return saved

@@ -136,23 +136,25 @@ class PlanInputs:
     @property
     def weight_dtype(self) -> str:
         """The dtype the model is loaded in: fp32 for fp32 runs and for full FT's fp32 master weights."""
-        if self.precision == "fp32" or (not self.is_peft and self.precision.endswith("-mixed")):
+        if not self.is_peft and self.precision.endswith("-mixed"):
             return "fp32"
-        return "fp16" if self.precision == "fp16-mixed" else "bf16"
+        return self.compute_dtype_name
 
     @property
     def autocast(self) -> bool:
         """The step runs under autocast. ``bf16`` with an adapter on a 16-bit base is a run without it (Trainer's
-        flags off over a bf16 model, as ``plan_from_training`` maps it, or a custom loop): PEFT then runs its fp32
-        adapters on an fp32 copy of each target's input. Full fine-tuning and a 4-bit base are planned under
-        autocast whatever the precision (Trainer autocasts whenever a flag is on)."""
+        flags off over a bf16 model, as ``plan_from_training`` maps it, or a custom loop): PEFT then runs its adapters
+        on a copy of each target's input in ``adapter_dtype`` (fp32 by default), where that is not bf16. Full
+        fine-tuning and a 4-bit base are planned under autocast whatever the precision (Trainer autocasts whenever
+        a flag is on)."""
         if self.precision == "fp32":
             return False
         return not (self.is_peft and not self.quantized_base and self.precision == "bf16")
 
     @property
     def compute_dtype_name(self) -> str:
-        """The dtype the step computes in: fp32, or the autocast/16-bit dtype."""
+        """The dtype the step computes in: fp32, or the autocast/16-bit dtype (the one rule; ``weight_dtype``,
+        ``activations.compute_bytes`` and the tracer's autocast derive from it)."""
         if self.precision == "fp32":
             return "fp32"
         return "fp16" if self.precision == "fp16-mixed" else "bf16"

@@ -4,10 +4,16 @@ No memory is allocated and no weight is read: the model is built on the meta dev
 fake CPU tensors, and two full optimizer steps run under ``MemTracker``. The second step's peak is
 the steady state (optimizer states exist while activations are alive).
 
-Two contained workarounds:
+Three contained workarounds:
 
 * ``MemTracker`` registers a grad hook on every parameter, which fails for frozen ones; frozen
   parameters get a no-op entry in its handle table so it skips them.
+* ``MemTracker``'s per-module statistics come from ``ModTracker``, whose hooks put every module
+  output's autograd node in a reference cycle (a multi-grad hook that holds the nodes it hangs on).
+  A temporary a module returns, such as DoRA's ``lora_B(lora_A(eye))`` under its detached weight
+  norm, then keeps its saved tensors until the cycle collector runs, which no real run does: the
+  traced step read 3-9% over the same step on real tensors. The tracer keeps the device peak only,
+  so it runs without those hooks (:class:`_NoModuleHooks`) and marks the backward itself.
 * bitsandbytes' ``Params4bit`` cannot wrap a FakeTensor, so QLoRA's 4-bit linears are stood in
   for by :class:`_Fake4bitLinear`, which holds the same packed bytes and quantization constants
   and calls bitsandbytes' own ``matmul_4bit`` (whose ops have fake kernels).
@@ -43,6 +49,26 @@ class TraceResult:
 
 class _NoHandle:
     def remove(self) -> None:
+        return None
+
+
+class _NoModuleHooks:
+    """Stands in for ``MemTracker``'s ``ModTracker``: no module hooks, so no reference cycles; ``is_bw`` is set by
+    the trace loop (tensors made in the backward count as ``TEMP``, as the module hooks would have had them)."""
+
+    is_bw = False
+    parents: frozenset[str] = frozenset()
+
+    def register_user_hooks(self, *hooks: Any) -> None:
+        return None
+
+    def clear_user_hooks(self) -> None:
+        return None
+
+    def __enter__(self) -> _NoModuleHooks:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
         return None
 
 
@@ -83,6 +109,7 @@ def _peak_only_tracker() -> Any:
 
     tracker = PeakOnlyTracker()
     tracker.events, tracker._keys = [], {}
+    tracker._mod_tracker = cast(Any, _NoModuleHooks())
     return tracker
 
 
@@ -299,8 +326,7 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
 
     Sharding is not traced: the result is a single-device step (``gpus=1``). ``real=True`` runs the same step on
     real CPU tensors (random weights; it allocates everything, so small configs only and no 4-bit base): a
-    reference without FakeTensorMode, whose objects can outlive their real counterparts until the cycle
-    collector runs.
+    reference without FakeTensorMode.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -310,7 +336,7 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
     # Trainer autocasts whenever bf16/fp16 is on, also over a model loaded in bf16; an adapter run at precision
     # bf16 is one without the flags (PlanInputs.autocast)
     autocast = inputs.autocast
-    amp_dtype = torch.float16 if inputs.precision == "fp16-mixed" else torch.bfloat16
+    amp_dtype = to_torch(inputs.compute_dtype_name) if autocast else torch.bfloat16  # fp32: autocast is off
     with nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         if real:
@@ -325,11 +351,11 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
             if not param.requires_grad:
                 tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
         tracker.track_external(model, optimizer)
+        # the gradient hooks the module hooks would install: gradients count as GRAD, not as backward temporaries
+        tracker._track_module_params_and_buffers(model, install_grad_hooks=True)
         with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
-            # Collect the young generations first: Python's cycle collector then runs at the same points of
-            # every trace (under FakeTensorMode some of DoRA's temporaries sit in reference cycles that real
-            # tensors do not form); from wherever its counters stood, the traced peak varied by ~3% between
-            # runs. A full collection would cost ~0.3 s per trace in a large process.
+            # Collect the young generations first, so that whatever reference cycles remain are collected at the
+            # same points of every trace, from wherever the collector's counters stood.
             gc.collect(1)
             for step in range(steps):
                 # unpacked batches vary in length: the first step is a shorter one, as the reserved model assumes
@@ -338,7 +364,9 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
                     ids = torch.zeros((inputs.batch_size, seq), dtype=torch.long)
                     with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
                         loss = model(input_ids=ids, labels=ids).loss
+                    tracker._mod_tracker.is_bw = True
                     loss.backward()
+                    tracker._mod_tracker.is_bw = False
                     tracker.reset_mod_stats()  # per-module stats only; the device peak is kept
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -15,25 +15,37 @@ SMALL = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 2048, "
          "max_position_embeddings": 2048}
 
 
-@pytest.mark.parametrize("changes", [dict(), dict(lora_targets="q_proj,v_proj")])
+@pytest.mark.parametrize("changes", [dict(), dict(lora_targets="q_proj,v_proj"), dict(seq_len=128),
+                                     dict(seq_len=128, lora_dropout=0.0)])
 def test_dora_plan_matches_a_real_step(changes):
+    # at 128 tokens over two layers the weight norm's graphs weigh most: while the tracer's module hooks held them
+    # in reference cycles, the plan read 5-8% under the real step
+    config = dict(SMALL, num_hidden_layers=2)
     inputs = PlanInputs(**{"method": "dora", "seq_len": 512, **changes})
-    real = trace_step(config_from_dict(dict(SMALL)), inputs, real=True).peak_bytes
-    planned = estimate(spec_from_config(dict(SMALL), "small-llama"), inputs).allocated_peak_bytes
-    assert planned == pytest.approx(real, rel=0.08)
+    real = trace_step(config_from_dict(dict(config)), inputs, real=True).peak_bytes
+    planned = estimate(spec_from_config(dict(config), "small-llama"), inputs).allocated_peak_bytes
+    assert planned == pytest.approx(real, rel=0.04)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_the_fake_trace_is_the_real_step(dropout):
+    # FakeTensorMode changes no allocation: the traced DoRA step is the real one to the byte (with ModTracker's
+    # module hooks, whose reference cycles outlived the weight norm's graphs, it read 2.6-7.0% over)
+    config, inputs = config_from_dict(dict(SMALL, num_hidden_layers=2)), PlanInputs(method="dora", seq_len=128,
+                                                                                       lora_dropout=dropout)
+    assert trace_step(config, inputs).peak_bytes == trace_step(config, inputs, real=True).peak_bytes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("changes", [dict(), dict(lora_dropout=0.0)])
+@pytest.mark.parametrize("changes", [dict(), dict(lora_dropout=0.0), dict(lora_targets="q_proj,v_proj")])
 def test_dora_plan_matches_a_real_step_of_llama_1b_layers(changes):
-    # Llama-3.2-1B's shapes at four layers; before the weight copy was counted once, and only with dropout, the
-    # plan was 11.6% and 22.3% over the first two cases. Its full 128k vocabulary stays: with a 32k one the step's
-    # DoRA graphs that the tracer's hooks hold in reference cycles weigh more, and one CI run read -11%
-    config = dict(resolve_model("meta-llama/Llama-3.2-1B").config, num_hidden_layers=4)
+    # Llama-3.2-1B's layers (four of them, a 32k vocabulary); before the weight copy was counted once, and only
+    # with dropout, the plan was 11.6% and 22.3% over the first two cases
+    config = dict(resolve_model("meta-llama/Llama-3.2-1B").config, num_hidden_layers=4, vocab_size=32768)
     inputs = PlanInputs(**{"method": "dora", "seq_len": 1024, **changes})
     real = trace_step(config_from_dict(dict(config)), inputs, real=True).peak_bytes
     planned = estimate(spec_from_config(config_from_dict(dict(config)), "llama-4-layers"), inputs)
-    assert planned.allocated_peak_bytes == pytest.approx(real, rel=0.08)
+    assert planned.allocated_peak_bytes == pytest.approx(real, rel=0.04)
 
 
 def test_dora_keeps_a_weight_copy_per_target_only_with_dropout():
@@ -63,7 +75,7 @@ def test_adapters_without_autocast_match_a_real_step(method, dropout):
     assert not inputs.autocast
     real = trace_step(config_from_dict(dict(SMALL)), inputs, real=True).peak_bytes
     planned = estimate(spec_from_config(dict(SMALL), "small-llama"), inputs).allocated_peak_bytes
-    assert planned == pytest.approx(real, rel=0.08)
+    assert planned == pytest.approx(real, rel=0.04)
 
 
 def test_autocast_is_off_only_for_adapters_on_a_16_bit_base_at_precision_bf16():

@@ -12,7 +12,7 @@ Three contained workarounds:
   output's autograd node in a reference cycle (a multi-grad hook that holds the nodes it hangs on).
   A temporary a module returns, such as DoRA's ``lora_B(lora_A(eye))`` under its detached weight
   norm, then keeps its saved tensors until the cycle collector runs, which no real run does: the
-  traced step read 3-9% over the same step on real tensors. The tracer keeps the device peak only,
+  traced DoRA step read 6-12% over the same step on real tensors. The tracer keeps the device peak only,
   so it runs without those hooks (:class:`_NoModuleHooks`) and marks the backward itself.
 * bitsandbytes' ``Params4bit`` cannot wrap a FakeTensor, so QLoRA's 4-bit linears are stood in
   for by :class:`_Fake4bitLinear`, which holds the same packed bytes and quantization constants

@@ -61,6 +61,29 @@ def _model_dtype(model: Any) -> str | None:
     return from_torch(dtype) if dtype is not None else None
 
 
+def attention_name(value: Any) -> str | None:
+    """The planner's ``attn_implementation`` for transformers' own value (None when unset): ``eager`` keeps the
+    S x S attention weights; the flash kernels (``flash_attention_2``/``_3``, hub kernels) and sdpa, flex and the
+    rest do not, and are planned as flash or sdpa."""
+    if not value:
+        return None
+    text = str(value)
+    if text == "eager":
+        return "eager"
+    return "flash_attention_2" if "flash" in text else "sdpa"
+
+
+def _attention(model: Any, args: Any) -> str | None:
+    """The attention a model object runs with (``config._attn_implementation``), or the one the trainer will load
+    the model with (``model_init_kwargs``, for a model named by hub id)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    value = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if value is None:
+        kwargs = getattr(args, "model_init_kwargs", None)
+        value = kwargs.get("attn_implementation") if isinstance(kwargs, Mapping) else None
+    return attention_name(value)
+
+
 def default_lora_targets(model_type: str | None) -> str:
     """The modules PEFT wraps for a ``LoraConfig`` without ``target_modules``: its per-architecture default."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
@@ -192,6 +215,9 @@ def inputs_from_training(
             values["shard"] = "ddp"
     if seq_len:
         values["seq_len"] = int(seq_len)
+    attention = _attention(model, args)
+    if attention:
+        values["attn_implementation"] = attention
     if method != "full":
         values["adapter_dtype"] = _adapter_dtype(model, args, values.get("shard", "none"), method_info(method))
     return PlanInputs(**values)

@@ -11,7 +11,7 @@ from hf_ftkit.fallback.ladder import LadderLimits, Rung, Setup, choose_setup
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.budget import parse_budget
 from hf_ftkit.planner.estimate import Plan, estimate
-from hf_ftkit.planner.from_objects import inputs_from_training, plan_precision
+from hf_ftkit.planner.from_objects import attention_name, inputs_from_training, plan_precision
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.resolve import resolve_model
 from hf_ftkit.planner.spec import ModelSpec
@@ -63,6 +63,9 @@ def recipe_inputs(recipe: Recipe, spec: ModelSpec, hardware: Hardware | None) ->
     loaded = "bf16" if str(m.dtype) in HALF else "fp32"
     changes["precision"] = plan_precision(inputs.method, bool(t.bf16), bool(t.fp16), loaded)
     changes["kbit_upcast"] = loaded == "fp32"  # a 4-bit base's unquantized weights (embeddings, norms) stay fp32
+    attention = attention_name(m.attn_implementation)  # what `hf-ftkit train` loads the model with
+    if attention:
+        changes["attn_implementation"] = attention
     if f.shard:
         changes["shard"] = f.shard
     elif gpus * nodes > 1 and inputs.shard == "none":

@@ -160,3 +160,50 @@ def test_adapter_dtype_is_what_the_trainer_makes_of_the_adapters(tmp_path, tiny_
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]), autocast_adapter_dtype=False)
     assert inputs_from_training(plain, lora, None, peft_model).adapter_dtype == "bf16"
     assert inputs_from_training(plain, None, None, peft_model).adapter_dtype == "fp32"  # no LoraConfig: full
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("eager", "eager"), ("sdpa", "sdpa"), ("flash_attention_2", "flash_attention_2"),
+    ("flash_attention_3", "flash_attention_2"), ("kernels-community/flash-attn", "flash_attention_2"),
+    ("flex_attention", "sdpa"), (None, None),
+])
+def test_transformers_attention_names_map_to_the_planners(value, expected):
+    from hf_ftkit.planner.from_objects import attention_name
+
+    assert attention_name(value) == expected
+
+
+def test_the_models_attention_is_planned(tmp_path, tiny_llama_config):
+    # eager keeps every layer's S x S attention weights: a model loaded with it (or a TRL config that will load it
+    # so) was planned as sdpa
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args = {"per_device_train_batch_size": 1, "gradient_checkpointing": False}
+    lora = LoraConfig(r=8, target_modules="all-linear")
+    plans = {}
+    for impl in ("eager", "sdpa"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config), attn_implementation=impl)
+        plans[impl] = plan_from_training(model, args, lora, seq_len=2048)
+        assert plans[impl].inputs.attn_implementation == impl
+        assert plan_from_training(get_peft_model(model, lora), args, seq_len=2048).inputs.attn_implementation == impl
+    assert plans["eager"].peak_bytes > plans["sdpa"].peak_bytes + 2**29  # 1.39 GB against 0.79 GB at 2048 tokens
+    named = plan_from_training("meta-llama/Llama-3.2-1B", dict(args, model_init_kwargs={"attn_implementation": "eager"}),
+                               lora, seq_len=4096)
+    assert named.inputs.attn_implementation == "eager"
+    assert plan_from_training("meta-llama/Llama-3.2-1B", args, lora).inputs.attn_implementation == "sdpa"
+
+
+def test_a_recipe_plans_the_attention_it_loads(tmp_path):
+    from hf_ftkit.recipes.loading import load_recipe
+    from hf_ftkit.recipes.planning import plan_recipe
+    from tests.recipes.conftest import write_recipe
+
+    peaks = {}
+    for impl in ("eager", "sdpa"):
+        recipe = load_recipe(write_recipe(tmp_path / f"{impl}.yaml", model_name_or_path="Qwen/Qwen2.5-0.5B",
+                                          attn_implementation=impl, max_length=4096, gradient_checkpointing=False))
+        rp = plan_recipe(recipe)
+        assert rp.setup.inputs.attn_implementation == impl
+        peaks[impl] = rp.plan.peak_bytes
+    assert peaks["eager"] > peaks["sdpa"]

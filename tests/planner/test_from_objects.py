@@ -188,8 +188,8 @@ def test_the_models_attention_is_planned(tmp_path, tiny_llama_config):
         assert plans[impl].inputs.attn_implementation == impl
         assert plan_from_training(get_peft_model(model, lora), args, seq_len=2048).inputs.attn_implementation == impl
     assert plans["eager"].peak_bytes > plans["sdpa"].peak_bytes + 2**29  # 1.39 GB against 0.79 GB at 2048 tokens
-    named = plan_from_training("meta-llama/Llama-3.2-1B", dict(args, model_init_kwargs={"attn_implementation": "eager"}),
-                               lora, seq_len=4096)
+    trl_args = dict(args, model_init_kwargs={"attn_implementation": "eager"})
+    named = plan_from_training("meta-llama/Llama-3.2-1B", trl_args, lora, seq_len=4096)
     assert named.inputs.attn_implementation == "eager"
     assert plan_from_training("meta-llama/Llama-3.2-1B", args, lora).inputs.attn_implementation == "sdpa"
 

@@ -173,7 +173,7 @@ def test_transformers_attention_names_map_to_the_planners(value, expected):
     assert attention_name(value) == expected
 
 
-def test_the_models_attention_is_planned(tmp_path, tiny_llama_config):
+def test_the_models_attention_is_planned(tiny_llama_config):
     # eager keeps every layer's S x S attention weights: a model loaded with it (or a TRL config that will load it
     # so) was planned as sdpa
     from peft import LoraConfig, get_peft_model

@@ -164,12 +164,17 @@ def _published_lines(rows: list[dict]) -> list[str]:
              "model code and are reported apart; `ms-swift` points run ModelScope's trainer (transformers + PEFT under "
              "its own defaults and data: the maximum reserved reading of a whole run) and are reported apart too; "
              "`qwen` points run Qwen (v1)'s finetune.py (transformers Trainer + PEFT over Qwen's remote model code, "
-             "planned as a Qwen2 model of the same shapes) and are reported apart as well; "
+             "planned as a Qwen2 model of the same shapes) and are reported apart as well; `hf-loop` points train a "
+             "transformers (+ PEFT) model from a hand-written loop on a 2024 stack (the loss computed outside the "
+             "model from fp32 logits) and are reported apart; "
              "`(not fully stated)` points lack the counter or part of the setup "
              "(`fully_known: false`; the no-under-prediction target is for fully known runs). No constant has been "
              "fitted to either split. The plan is the one `hf-ftkit plan` gives (architectures outside the validated "
              "list from their traced layers). LitGPT's QLoRA runs predate bitsandbytes 0.43.2, whose 4-bit matmul "
-             "kept every layer's input: [bnb_legacy.md](bnb_legacy.md) traces them with both behaviours.", "",
+             "kept every layer's input: [bnb_legacy.md](bnb_legacy.md) traces them with both behaviours. A batch "
+             "of several unpacked sequences is planned padded, as transformers runs it: the boolean mask, SDPA's copy "
+             "of it in every layer, and k and v repeated to the query heads (LitGPT pads without a mask, and repeats "
+             "k and v itself).", "",
              "| point | stack | split | counter | GPU | measured GB | planned GB | error |",
              "|---|---|---|---|---|---:|---:|---:|"]
     for r in rows:

@@ -121,8 +121,17 @@ def effective_attention(spec: ModelSpec, inputs: PlanInputs) -> str:
 def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     c = compute_bytes(inputs)
     q, kv, heads = spec.q_dim, spec.kv_dim, spec.num_heads
-    saved: float = c * q + 2 * c * kv + c * q  # rotated q, rotated k, v, attention output
-    if effective_attention(spec, inputs) == "eager":
+    impl = effective_attention(spec, inputs)
+    if impl == "sdpa" and padded_batch(inputs):
+        # With a padding mask transformers repeats k and v to the query heads before SDPA (SDPA's own GQA is used
+        # only without a mask), and SDPA converts the boolean mask to the query dtype on every call; its kernel
+        # keeps that copy for the backward: (B, 1, S, S) per layer, S elements per token.
+        kv = max(kv, q)
+        saved: float = c * inputs.seq_len
+    else:
+        saved = 0.0
+    saved += c * q + 2 * c * kv + c * q  # rotated q, rotated k, v, attention output
+    if impl == "eager":
         # scores are materialised: fp32 softmax output + its cast, per head and key position
         saved += 2 * c * q + (4 + c) * heads * inputs.seq_len
     else:
@@ -294,10 +303,17 @@ def checkpoint_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
     return (4 if fp32_master(inputs) else stream_bytes(inputs)) * spec.hidden_size
 
 
+def padded_batch(inputs: PlanInputs) -> bool:
+    """Whether the plan holds a padding mask: a batch of several unpacked sequences is planned as padded (the
+    longest sequence of a batch is not known in advance, so the plan leans to the larger case); flash attention
+    takes no mask."""
+    if inputs.batch_size == 1 or inputs.packing or inputs.padding_free:
+        return False
+    return inputs.attn_implementation != "flash_attention_2"
+
+
 def attention_mask_bytes(inputs: PlanInputs) -> float:
     """A padded batch gets a materialised (B, 1, S, S) boolean mask; packed/padding-free ones do not."""
-    if inputs.batch_size == 1 or inputs.packing or inputs.padding_free:
-        return 0.0
-    if inputs.attn_implementation == "flash_attention_2":
+    if not padded_batch(inputs):
         return 0.0
     return float(inputs.batch_size) * inputs.seq_len * inputs.seq_len

@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from hf_ftkit._compat import enable_checkpointing
 from hf_ftkit._dtypes import to_torch
+from hf_ftkit.planner.activations import padded_batch
 from hf_ftkit.planner.inputs import PlanInputs
 
 _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -57,7 +58,6 @@ class _NoModuleHooks:
     the trace loop (tensors made in the backward count as ``TEMP``, as the module hooks would have had them)."""
 
     is_bw = False
-    parents: frozenset[str] = frozenset()
 
     def register_user_hooks(self, *hooks: Any) -> None:
         return None
@@ -350,8 +350,9 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
         for param in model.parameters():
             if not param.requires_grad:
                 tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
-        tracker.track_external(model, optimizer)
-        # the gradient hooks the module hooks would install: gradients count as GRAD, not as backward temporaries
+        tracker.track_external(optimizer)
+        # the parameters and buffers, with the gradient hooks the module hooks would install (gradients count as
+        # GRAD, not as backward temporaries)
         tracker._track_module_params_and_buffers(model, install_grad_hooks=True)
         with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
             # Collect the young generations first, so that whatever reference cycles remain are collected at the
@@ -362,8 +363,12 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
                 seq = inputs.seq_len if inputs.packing or step else max(inputs.seq_len // 2, 1)
                 for _micro in range(inputs.gradient_accumulation_steps):  # earlier micro-batches' grads stay
                     ids = torch.zeros((inputs.batch_size, seq), dtype=torch.long)
+                    mask = None
+                    if padded_batch(inputs):  # one padded position: transformers builds the mask a padded batch gets
+                        mask = torch.ones_like(ids)
+                        mask[0, -1] = 0
                     with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
-                        loss = model(input_ids=ids, labels=ids).loss
+                        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
                     tracker._mod_tracker.is_bw = True
                     loss.backward()
                     tracker._mod_tracker.is_bw = False

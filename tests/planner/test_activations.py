@@ -11,8 +11,9 @@ from hf_ftkit.planner.trace import build_traced_model
 TOKENS = 64
 
 
-def _saved_bytes(config: dict, inputs: PlanInputs, layers: int) -> int:
-    """Bytes of distinct non-parameter storages autograd saves in one forward (fake tensors)."""
+def _saved_bytes(config: dict, inputs: PlanInputs, layers: int, padded: bool = False) -> int:
+    """Bytes of distinct non-parameter storages autograd saves in one forward (fake tensors); ``padded``: a batch of
+    ``inputs.batch_size`` with one padded position, as a data collator pads it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = build_traced_model(config_from_dict({**config, "num_hidden_layers": layers}), inputs)
@@ -26,10 +27,14 @@ def _saved_bytes(config: dict, inputs: PlanInputs, layers: int) -> int:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         params = {p.untyped_storage()._cdata for p in model.parameters()}
-        ids = torch.zeros((1, TOKENS), dtype=torch.long)
+        ids = torch.zeros((inputs.batch_size if padded else 1, TOKENS), dtype=torch.long)
+        mask = None
+        if padded:
+            mask = torch.ones_like(ids)
+            mask[0, -1] = 0
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inputs.precision != "fp32"):
-                model(input_ids=ids, labels=ids)
+                model(input_ids=ids, attention_mask=mask, labels=ids)
     return sum(size for key, size in seen.items() if key not in params)
 
 
@@ -49,6 +54,21 @@ def test_layer_bytes_match_saved_tensors(tiny_llama_config, changes):
     spec = spec_from_config(dict(tiny_llama_config), "tiny")
     planned = act.layer_bytes_per_token(spec, inputs) + act.layer_constant_bytes(spec, inputs) / TOKENS
     assert planned == pytest.approx(traced, rel=0.02)
+
+
+@pytest.mark.parametrize("changes", [{"method": "full", "precision": "bf16"}, {"method": "lora", "lora_dropout": 0.0}])
+def test_a_padded_batch_keeps_repeated_kv_and_a_mask_copy_per_layer(tiny_llama_config, changes):
+    # with a padding mask transformers repeats k and v to the 8 query heads (SDPA's own GQA needs no mask) and SDPA
+    # keeps its bf16 conversion of the boolean mask: per token, S mask elements and 2 x (256 - 64) more of k and v
+    inputs = PlanInputs(batch_size=2, seq_len=TOKENS, **changes)
+    tokens = inputs.batch_size * TOKENS
+    one, two = (_saved_bytes(tiny_llama_config, inputs, n, padded=True) for n in (1, 2))
+    spec = spec_from_config(dict(tiny_llama_config), "tiny")
+    planned = act.layer_bytes_per_token(spec, inputs) + act.layer_constant_bytes(spec, inputs) / tokens
+    assert planned == pytest.approx((two - one) / tokens, rel=0.02)
+    unpadded = act.layer_bytes_per_token(spec, inputs.replace(packing=True))
+    assert act.layer_bytes_per_token(spec, inputs) - unpadded == 2 * TOKENS + 2 * 2 * (256 - 64)
+    assert act.layer_bytes_per_token(spec, inputs.replace(attn_implementation="flash_attention_2")) == unpadded
 
 
 def test_logits_dominate_for_large_vocabularies():

@@ -33,6 +33,20 @@ def test_analytic_plan_is_within_target_of_the_trace(tiny_llama_config, tiny_lla
     assert planned == pytest.approx(traced.peak_bytes, rel=TOLERANCE)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_padded_batch_is_traced_with_its_mask(tiny_llama_config, tiny_llama_spec, method):
+    # the tracer pads one position of a batch the plan holds as padded: the step keeps the mask, its per-layer SDPA
+    # copies and k and v repeated to the query heads, as the plan counts them
+    config = config_from_dict(dict(tiny_llama_config))
+    padded = PlanInputs(method=method, batch_size=4, seq_len=256)
+    packed = padded.replace(packing=True)
+    traced = trace_step(config, padded).peak_bytes - trace_step(config, packed).peak_bytes
+    planned = (estimate(tiny_llama_spec, padded).allocated_peak_bytes
+               - estimate(tiny_llama_spec, packed).allocated_peak_bytes)
+    assert traced > 4 * 256 * 256  # more than the boolean mask alone
+    assert planned == pytest.approx(traced, rel=0.1)
+
+
 def test_gradient_accumulation_keeps_a_weight_sized_gradient_through_the_next_forward(tiny_llama_config,
                                                                                       tiny_llama_spec):
     config = config_from_dict(dict(tiny_llama_config))

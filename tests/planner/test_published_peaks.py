@@ -45,3 +45,19 @@ def test_transformers_stack_points_are_planned_within_target():
     # runs whose counter is not stated (per-GPU readings of multi-GPU 70B runs, most likely nvidia-smi) are
     # planned low today; this bound records how far, so that a change that widens the gap fails here
     assert partly_known and min(partly_known) > -0.35 and statistics.median(partly_known) > -0.15
+
+
+def test_hand_written_loop_runs_one_gpu_and_fsdp_with_offload():
+    # BenjaminBossan/peft-experiments: fully stated runs of transformers + PEFT models from hand-written loops
+    errors = {}
+    for p in _points():
+        if p["stack"] == "hf-loop":
+            planned = estimate(resolve_model(p["model"]), PlanInputs(**p["config"])).to_dict()[COUNTERS[p["counter"]]]
+            errors[p["id"]] = (planned - p["bytes"]) / p["bytes"]
+    assert any(PlanInputs(**p["config"]).offload == "params" for p in _points() if p["id"] in errors)
+    # one-GPU QLoRA on all linears of Llama 3 8B is planned 14% low, and a trace of its loop under its own
+    # transformers 4.44 too (11.7%): the rest of the gap is not explained here; this bound records it
+    gap = errors.pop("peft-experiments-llama3-8b-qlora-all")
+    assert -0.20 < gap < -0.05
+    # the others, FSDP with CPU offload of parameters included, plan within the target
+    assert len(errors) == 4 and all(abs(e) <= 0.08 for e in errors.values()), errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hf_ftkit.planner.activations import padded_batch
 from hf_ftkit.planner.estimate import Plan, estimate
 from hf_ftkit.planner.inputs import METHODS, PlanInputs
 from hf_ftkit.planner.methods import quantized_twin
@@ -48,6 +49,8 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
         out.append(("pure bf16 weights and states", {"precision": "bf16"}))
     if not inputs.use_liger_kernel:
         out.append(("Liger fused linear cross-entropy", {"use_liger_kernel": True}))
+    if padded_batch(inputs):  # the padding mask, its per-layer SDPA copies and k/v repeated to the query heads
+        out.append(("padding-free batches (TRL padding_free)", {"padding_free": True}))
     if inputs.batch_size > 1:
         for batch in sorted({max(1, inputs.batch_size // 2), 1}, reverse=True):
             if batch < inputs.batch_size and inputs.batch_size % batch == 0:

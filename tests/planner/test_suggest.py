@@ -28,6 +28,21 @@ def test_smaller_micro_batch_keeps_the_effective_batch():
         assert tip.changes["batch_size"] * tip.changes["gradient_accumulation_steps"] == 16
 
 
+def test_a_padded_batch_is_offered_padding_free_batches():
+    spec = resolve_model("meta-llama/Llama-3.1-8B")
+    padded = plan(spec, PlanInputs(method="lora", batch_size=4, seq_len=4096), budget="80GiB")
+    tip = next(t for t in suggest(spec, padded, limit=30) if t.changes == {"padding_free": True})
+    alt = estimate(spec, padded.inputs.replace(padding_free=True))
+    assert tip.saves_bytes == padded.peak_bytes - alt.peak_bytes
+    # allocated: the boolean mask, each layer's bf16 copy of it and k and v repeated from 8 to 32 heads
+    tokens = 4 * 4096
+    saved = 4 * 4096 * 4096 + 32 * tokens * (2 * 4096 + 2 * 2 * (4096 - 1024))
+    assert padded.allocated_peak_bytes - alt.allocated_peak_bytes == saved
+    for unpadded in ({"packing": True}, {"batch_size": 1}, {"attn_implementation": "flash_attention_2"}):
+        p = plan(spec, padded.inputs.replace(**unpadded), budget="80GiB")
+        assert all("padding_free" not in t.changes for t in suggest(spec, p, limit=30)), unpadded
+
+
 def test_what_fits_is_the_boundary():
     spec = resolve_model("meta-llama/Llama-3.1-8B")
     budget = 24 * GIB

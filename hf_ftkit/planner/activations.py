@@ -126,11 +126,11 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         # With a padding mask transformers repeats k and v to the query heads before SDPA (SDPA's own GQA is used
         # only without a mask), and SDPA converts the boolean mask to the query dtype on every call; its kernel
         # keeps that copy for the backward: (B, 1, S, S) per layer, S elements per token.
-        kv = max(kv, q)
+        kv_saved = max(kv, q)
         saved: float = c * inputs.seq_len
     else:
-        saved = 0.0
-    saved += c * q + 2 * c * kv + c * q  # rotated q, rotated k, v, attention output
+        kv_saved, saved = kv, 0.0
+    saved += c * q + 2 * c * kv_saved + c * q  # rotated q, rotated k, v (repeated or not), attention output
     if impl == "eager":
         # scores are materialised: fp32 softmax output + its cast, per head and key position
         saved += 2 * c * q + (4 + c) * heads * inputs.seq_len

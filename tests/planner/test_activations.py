@@ -56,14 +56,23 @@ def test_layer_bytes_match_saved_tensors(tiny_llama_config, changes):
     assert planned == pytest.approx(traced, rel=0.02)
 
 
+QK_NORM = {"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8,
+           "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 4096, "tie_word_embeddings": False,
+           "max_position_embeddings": 2048}
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("changes", [{"method": "full", "precision": "bf16"}, {"method": "lora", "lora_dropout": 0.0}])
-def test_a_padded_batch_keeps_repeated_kv_and_a_mask_copy_per_layer(tiny_llama_config, changes):
+def test_a_padded_batch_keeps_repeated_kv_and_a_mask_copy_per_layer(tiny_llama_config, changes, qk_norm):
     # with a padding mask transformers repeats k and v to the 8 query heads (SDPA's own GQA needs no mask) and SDPA
     # keeps its bf16 conversion of the boolean mask: per token, S mask elements and 2 x (256 - 64) more of k and v
+    # (a q/k norm still normalises k before it is repeated)
+    config = dict(QK_NORM) if qk_norm else dict(tiny_llama_config)
     inputs = PlanInputs(batch_size=2, seq_len=TOKENS, **changes)
     tokens = inputs.batch_size * TOKENS
-    one, two = (_saved_bytes(tiny_llama_config, inputs, n, padded=True) for n in (1, 2))
-    spec = spec_from_config(dict(tiny_llama_config), "tiny")
+    one, two = (_saved_bytes(config, inputs, n, padded=True) for n in (1, 2))
+    spec = spec_from_config(dict(config), "tiny")
+    assert spec.qk_norm == qk_norm
     planned = act.layer_bytes_per_token(spec, inputs) + act.layer_constant_bytes(spec, inputs) / tokens
     assert planned == pytest.approx((two - one) / tokens, rel=0.02)
     unpadded = act.layer_bytes_per_token(spec, inputs.replace(packing=True))

@@ -150,7 +150,7 @@ def _published_rows() -> list[dict]:
                      "counter": point["counter"],
                      "gpu": point["gpu"], "measured": point["bytes"], "planned": planned,
                      "error_pct": 100.0 * (planned - point["bytes"]) / point["bytes"],
-                     "confidence": point["confidence"]})
+                     "confidence": point["confidence"], "same_run_as": point.get("same_run_as")})
     return rows
 
 
@@ -166,7 +166,8 @@ def _published_lines(rows: list[dict]) -> list[str]:
              "`qwen` points run Qwen (v1)'s finetune.py (transformers Trainer + PEFT over Qwen's remote model code, "
              "planned as a Qwen2 model of the same shapes) and are reported apart as well; `hf-loop` points train a "
              "transformers (+ PEFT) model from a hand-written loop on a 2024 stack (the loss computed outside the "
-             "model from fp32 logits) and are reported apart; "
+             "model from fp32 logits) and are reported apart (their `-reserved` points are the `max_memory_reserved` "
+             "readings of the same logs, the reserved model's check on real GPUs); "
              "`(not fully stated)` points lack the counter or part of the setup "
              "(`fully_known: false`; the no-under-prediction target is for fully known runs). No constant has been "
              "fitted to either split. The plan is the one `hf-ftkit plan` gives (architectures outside the validated "
@@ -186,8 +187,11 @@ def _published_lines(rows: list[dict]) -> list[str]:
         held = [r for r in group if r["split"] == "held_out"]
         lines.append(f"- {stack}, {kind}: {_summary(group)}; held out: {_summary(held) if held else 'none'}")
     under = [r for r in rows if r["error_pct"] < -10]
+    runs = [r for r in rows if not r["same_run_as"]]
     lines += ["", f"All {len(rows)} points: {_summary(rows)}; {len(under)} under-predicted by more than 10%, "
-              f"of which {sum(1 for r in under if r['stack'] == 'hf')} fully known transformers runs.", ""]
+              f"of which {sum(1 for r in under if r['stack'] == 'hf')} fully known transformers runs. "
+              f"One reading per run (without the {len(rows) - len(runs)} second counters of runs already in the "
+              f"set, their `-reserved` points): {_summary(runs)}.", ""]
     lines += ["", "Confidence notes:", ""] + [f"- {r['id']}: {r['confidence']}" for r in rows] + [""]
     return lines
 

@@ -53,6 +53,8 @@ def _rank_main(job: dict) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hf_ftkit.planner.trace import padding_mask
+
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     config = AutoConfig.for_model(**job["config"])
@@ -69,10 +71,7 @@ def _rank_main(job: dict) -> None:
     tracker = FSDPMemTracker(model, optimizer)
     tracker.track_inputs(())
     ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"]))
-    mask = None
-    if job["batch_size"] > 1:  # a padded batch, as the plan holds one of several sequences: one padded position
-        mask = torch.ones_like(ids)
-        mask[0, -1] = 0
+    mask = padding_mask(ids, job["batch_size"] > 1)  # the plan holds a batch of several sequences as padded
     with tracker:
         for step in range(2):
             model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()

@@ -56,6 +56,8 @@ def _rank_main(job: dict) -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hf_ftkit.planner.trace import padding_mask
+
     deepspeed.init_distributed(dist_backend="gloo")
     config = AutoConfig.for_model(**job["config"])
     torch.manual_seed(0)
@@ -71,10 +73,7 @@ def _rank_main(job: dict) -> None:
     tracker = MemTracker()
     tracker.track_external(*[t for t in gc.get_objects() if isinstance(t, torch.Tensor)])
     ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"]))
-    mask = None
-    if job["batch_size"] > 1:  # a padded batch, as the plan holds one of several sequences: one padded position
-        mask = torch.ones_like(ids)
-        mask[0, -1] = 0
+    mask = padding_mask(ids, job["batch_size"] > 1)  # the plan holds a batch of several sequences as padded
     with tracker:
         for _ in range(2):
             loss = engine(input_ids=ids, attention_mask=mask, labels=ids).loss

@@ -142,21 +142,22 @@ class PlanInputs:
 
     @property
     def autocast(self) -> bool:
-        """The step runs under autocast. ``bf16`` with an adapter on a 16-bit base is a run without it (Trainer's
-        flags off over a bf16 model, as ``plan_from_training`` maps it, or a custom loop): PEFT then runs its adapters
-        on a copy of each target's input in ``adapter_dtype`` (fp32 by default), where that is not bf16. Full
-        fine-tuning and a 4-bit base are planned under autocast whatever the precision (Trainer autocasts whenever
-        a flag is on)."""
+        """The step runs under autocast. ``bf16`` with an adapter is a run without it (Trainer's flags off over a
+        model loaded in bf16, as ``plan_from_training`` maps it, or a custom loop), over a 16-bit base or a 4-bit one
+        alike: PEFT then runs its adapters on a copy of each target's input in ``adapter_dtype`` (fp32 by default;
+        before PEFT 0.18 also under ``autocast_adapter_dtype=False`` when a 4-bit base stores its weights in uint8,
+        huggingface/peft#2893), where that is not bf16. Full fine-tuning is planned under autocast whatever the
+        precision (Trainer autocasts whenever a flag is on)."""
         if self.precision == "fp32":
             return False
-        return not (self.is_peft and not self.quantized_base and self.precision == "bf16")
+        return not (self.is_peft and self.precision == "bf16")
 
     @property
     def compute_dtype_name(self) -> str:
         """The dtype the step computes in: fp32, or the autocast/16-bit dtype (the one rule; ``weight_dtype``,
         ``activations.compute_bytes`` and the tracer's autocast derive from it)."""
-        if self.precision == "fp32":
-            return "fp32"
+        if self.precision == "fp32" or (self.quantized_base and self.kbit_upcast and not self.autocast):
+            return "fp32"  # prepare_model_for_kbit_training left every unquantized weight fp32, and nothing autocasts
         return "fp16" if self.precision == "fp16-mixed" else "bf16"
 
     @property

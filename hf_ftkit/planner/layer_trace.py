@@ -23,10 +23,11 @@ from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-CACHE_VERSION = 7  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
+CACHE_VERSION = 8  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
 # 4: the fp32 upcast of a 4-bit base reaches its modules_to_save copies; 5: adapters at precision bf16 run without
 # autocast, and adapter_dtype; 6: the tracer runs without ModTracker's module hooks, whose reference cycles kept
-# module temporaries alive; 7: a padded batch is traced with its padding mask
+# module temporaries alive; 7: a padded batch is traced with its padding mask; 8: a 4-bit base at precision bf16
+# runs without autocast (with kbit_upcast, in fp32)
 
 
 def validated(model_type: str) -> bool:

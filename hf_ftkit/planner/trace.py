@@ -321,6 +321,19 @@ def _retie(model: Any) -> None:
         getattr(out, "original_module", out).weight = getattr(inp, "original_module", inp).weight
 
 
+def padding_mask(ids: Any, padded: bool) -> Any:
+    """The attention mask of a batch of ``ids`` the plan holds as padded: one padded position, so transformers
+    builds the mask a padded batch gets (None for an unpadded batch). The tracer and the sharded benchmarks share it.
+    """
+    if not padded:
+        return None
+    import torch
+
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    return mask
+
+
 def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = False) -> TraceResult:
     """Peak memory of a training step of ``config`` under ``inputs``, traced without allocating.
 
@@ -363,10 +376,7 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
                 seq = inputs.seq_len if inputs.packing or step else max(inputs.seq_len // 2, 1)
                 for _micro in range(inputs.gradient_accumulation_steps):  # earlier micro-batches' grads stay
                     ids = torch.zeros((inputs.batch_size, seq), dtype=torch.long)
-                    mask = None
-                    if padded_batch(inputs):  # one padded position: transformers builds the mask a padded batch gets
-                        mask = torch.ones_like(ids)
-                        mask[0, -1] = 0
+                    mask = padding_mask(ids, padded_batch(inputs))
                     with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
                         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
                     tracker._mod_tracker.is_bw = True

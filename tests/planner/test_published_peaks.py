@@ -55,9 +55,13 @@ def test_hand_written_loop_runs_one_gpu_and_fsdp_with_offload():
             planned = estimate(resolve_model(p["model"]), PlanInputs(**p["config"])).to_dict()[COUNTERS[p["counter"]]]
             errors[p["id"]] = (planned - p["bytes"]) / p["bytes"]
     assert any(PlanInputs(**p["config"]).offload == "params" for p in _points() if p["id"] in errors)
-    # one-GPU QLoRA on all linears of Llama 3 8B is planned 14% low, and a trace of its loop under its own
-    # transformers 4.44 too (11.7%): the rest of the gap is not explained here; this bound records it
-    gap = errors.pop("peft-experiments-llama3-8b-qlora-all")
-    assert -0.20 < gap < -0.05
-    # the others, FSDP with CPU offload of parameters included, plan within the target
-    assert len(errors) == 4 and all(abs(e) <= 0.08 for e in errors.values()), errors
+    # one-GPU QLoRA on all linears of Llama 3 8B: no autocast, and PEFT 0.12 kept a uint8-stored 4-bit base's
+    # adapters in fp32 despite autocast_adapter_dtype=False (huggingface/peft#2893), so each target ran on an fp32
+    # copy of its input. Planned under autocast with bf16 adapters, as it was, it read 14% under
+    assert PlanInputs(**next(p["config"] for p in _points() if p["id"] == "peft-experiments-llama3-8b-qlora-all")) \
+        .autocast is False
+    # all five, FSDP with CPU offload of parameters included, plan within the target, and so do the reserved readings
+    # of the same runs (the reserved model's only real-GPU readings whose allocated twins are known too)
+    reserved = {k: e for k, e in errors.items() if k.endswith("-reserved")}
+    assert len(errors) == 10 and len(reserved) == 5, errors
+    assert all(abs(e) <= 0.08 for e in errors.values()), errors

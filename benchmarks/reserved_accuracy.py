@@ -128,7 +128,7 @@ def main() -> None:
         if "reserved" not in point["counter"] or point["stack"] not in ("hf", "hf-loop"):
             continue
         plan = estimate(resolve_model(point["model"]), PlanInputs(**point["config"]))
-        if point["stack"] == "hf-loop":
+        if point.get("same_run_as"):  # the run's allocated peak is in the set too
             loops.append({"id": point["same_run_as"], "allocated": by_id[point["same_run_as"]]["bytes"],
                           "reserved": point["bytes"], "planned_allocated": plan.allocated_peak_bytes,
                           "planned_reserved": plan.reserved_peak_bytes})

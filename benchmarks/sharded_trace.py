@@ -26,6 +26,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from freshness import stamp  # noqa: E402  (a sibling script, not a package)
@@ -44,6 +45,20 @@ SHAPES = [dict(batch_size=1, seq_len=512, gradient_checkpointing=False),
           dict(batch_size=4, seq_len=512, gradient_checkpointing=True)]
 
 
+def batch(job: dict, vocab_size: int) -> tuple[Any, Any]:
+    """A traced job's batch: random ids, and the padding mask where the plan holds the batch as padded (the
+    planner's own rule, ``padded_batch``). The FSDP and ZeRO-3 traces share it."""
+    import torch
+
+    from hf_ftkit.planner.activations import padded_batch
+    from hf_ftkit.planner.inputs import PlanInputs
+    from hf_ftkit.planner.trace import padding_mask
+
+    ids = torch.randint(0, vocab_size, (job["batch_size"], job["seq_len"]))
+    inputs = PlanInputs(method="full", batch_size=job["batch_size"], seq_len=job["seq_len"])
+    return ids, padding_mask(ids, padded_batch(inputs))
+
+
 def _rank_main(job: dict) -> None:
     """One rank of a traced FSDP2 step (run by torchrun)."""
     import torch
@@ -52,8 +67,6 @@ def _rank_main(job: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from hf_ftkit.planner.trace import padding_mask
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -70,8 +83,7 @@ def _rank_main(job: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     tracker = FSDPMemTracker(model, optimizer)
     tracker.track_inputs(())
-    ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"]))
-    mask = padding_mask(ids, job["batch_size"] > 1)  # the plan holds a batch of several sequences as padded
+    ids, mask = batch(job, config.vocab_size)
     with tracker:
         for step in range(2):
             model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import stamp  # noqa: E402  (a sibling script, not a package)
-from sharded_trace import compare  # noqa: E402
+from sharded_trace import batch, compare  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
@@ -56,8 +56,6 @@ def _rank_main(job: dict) -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_ftkit.planner.trace import padding_mask
-
     deepspeed.init_distributed(dist_backend="gloo")
     config = AutoConfig.for_model(**job["config"])
     torch.manual_seed(0)
@@ -72,8 +70,7 @@ def _rank_main(job: dict) -> None:
     gc.collect()
     tracker = MemTracker()
     tracker.track_external(*[t for t in gc.get_objects() if isinstance(t, torch.Tensor)])
-    ids = torch.randint(0, config.vocab_size, (job["batch_size"], job["seq_len"]))
-    mask = padding_mask(ids, job["batch_size"] > 1)  # the plan holds a batch of several sequences as padded
+    ids, mask = batch(job, config.vocab_size)
     with tracker:
         for _ in range(2):
             loss = engine(input_ids=ids, attention_mask=mask, labels=ids).loss

@@ -92,7 +92,7 @@ def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan, reason: st
                    "accepts): the plan may be low; check it with --exact.")
     else:
         single = estimate(spec, inputs.replace(gpus=1, nodes=1, shard="none", offload="none"))
-        extra = traced - single.allocated_peak_bytes
+        extra = traced.peak_bytes - single.allocated_peak_bytes
         # An adapter run peaks where every layer's activations are held (end of forward, start of backward):
         # all its candidate peaks grow alike with depth, so the extrapolation holds both ways. Full fine-tuning
         # can peak at the optimizer step, which grows faster with depth than what 1 and 2 layers show: there
@@ -100,7 +100,8 @@ def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan, reason: st
         if not inputs.is_peft:
             extra = max(0, extra)
         result = with_extra_activations(result, extra)
-        message = (f"{reason}: its per-layer memory was traced with 1 and 2 decoder layers instead "
+        kinds = f" of each of its {traced.kinds} kinds" if traced.kinds > 1 else ""
+        message = (f"{reason}: its per-layer memory was traced with 1 and 2 decoder layers{kinds} instead "
                    f"({extra / 2**20:+,.0f} MiB against the formulas).")
     result.warnings.append(message)
     warnings.warn(message, HfFtkitWarning, stacklevel=3)

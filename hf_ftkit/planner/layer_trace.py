@@ -2,10 +2,14 @@
 
 The analytic activation model is checked against full traces for the architectures listed in
 ``data/validated_architectures.json`` (``tests/planner/test_architectures.py`` keeps that list honest). For any
-other decoder, the model's own config is built with one and with two decoder layers and a training step of
-each is traced under FakeTensorMode (no memory is allocated). Every decoder layer adds the same parameters,
-gradients, optimizer states and saved activations, so ``trace(1) + (n - 1) × (trace(2) - trace(1))`` is the
-full model's single-device allocated peak: dropout, composite activations, parallel attention/MLP blocks,
+other decoder, the model is built from its own config and a training step is traced under FakeTensorMode (no
+memory is allocated) with the first decoder layer of each kind the model has
+(:func:`hf_ftkit.planner.structure.layer_kinds`: most stacks have one kind; DeepSeek's dense first layers and MoE
+rest, Jamba's Mamba and attention layers, Gemma 3's sliding and global ones have more), and with those and one
+more layer of a kind, for each kind that repeats. Every layer of a kind adds the same parameters, gradients,
+optimizer states and saved activations, so ``trace(firsts) + Σ over kinds of (count - 1) × (trace(firsts + one
+more) - trace(firsts))`` is the full model's single-device allocated peak (for one kind:
+``trace(1) + (n - 1) × (trace(2) - trace(1))``): dropout, composite activations, parallel attention/MLP blocks,
 extra norms are all in it by construction. Results are cached by config and inputs (in memory and on disk).
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,12 +27,12 @@ from hf_ftkit._data import load
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-CACHE_VERSION = 8  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
+CACHE_VERSION = 9  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
 # 4: the fp32 upcast of a 4-bit base reaches its modules_to_save copies; 5: adapters at precision bf16 run without
 # autocast, and adapter_dtype; 6: the tracer runs without ModTracker's module hooks, whose reference cycles kept
 # module temporaries alive; 7: a padded batch is traced with its padding mask; 8: a 4-bit base at precision bf16
-# runs without autocast (with kbit_upcast, in fp32)
+# runs without autocast (with kbit_upcast, in fp32); 9: one more layer of each kind of decoder layer is traced,
+# not the first two layers alone
 
 
 def validated(model_type: str) -> bool:
@@ -39,59 +44,72 @@ def _cache_file(key: str) -> Path:
     return root / "layer_traces" / f"{key}.json"
 
 
-def _with_layers(config: dict[str, Any], layers: int, original: int) -> dict[str, Any]:
-    out = dict(config)
-    for key in _LAYER_KEYS:
-        if key in out:
-            out[key] = layers
-    for key, value in config.items():  # per-layer lists (layer_types, sliding-window patterns ...)
-        if isinstance(value, list) and len(value) == original and key not in ("architectures",):
-            out[key] = value[:layers]
-    return out
-
-
 def _single_device(inputs: PlanInputs) -> PlanInputs:
     return inputs.replace(gpus=1, nodes=1, shard="none", offload="none")
 
 
-def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> int | None:
-    """The single-device allocated peak extrapolated from traces of 1 and 2 decoder layers, or None when
-    torch/transformers cannot trace this model here."""
+def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> TracedLayers | None:
+    """The single-device allocated peak extrapolated from traces of the model's first decoder layer and one more
+    of each kind, or None when torch/transformers cannot trace this model here."""
     single = _single_device(inputs)
     payload = json.dumps({"v": CACHE_VERSION, "config": spec.config, "inputs": single.to_dict()}, sort_keys=True,
                          default=str)
     return _traced(hashlib.sha256(payload.encode()).hexdigest()[:24], payload)
 
 
+@dataclass(frozen=True)
+class TracedLayers:
+    """A full model's allocated peak from its traced layers, and how many kinds of decoder layer it has."""
+
+    peak_bytes: int
+    kinds: int
+
+
 @cache
-def _traced(key: str, payload: str) -> int | None:
+def _traced(key: str, payload: str) -> TracedLayers | None:
     file = _cache_file(key)
     try:
-        return int(json.loads(file.read_text())["peak_bytes"])
+        stored = json.loads(file.read_text())
+        return TracedLayers(int(stored["peak_bytes"]), int(stored["kinds"]))
     except (OSError, ValueError, KeyError):
         pass
     data = json.loads(payload)
     config, inputs = data["config"], PlanInputs(**_inputs_fields(data["inputs"]))
-    layers = next((int(config[k]) for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
-    if layers is None:
-        return None
     try:
-        from hf_ftkit.planner.structure import config_from_dict
-        from hf_ftkit.planner.trace import trace_step
+        from hf_ftkit.planner.structure import build_meta_model, config_from_dict, layer_kinds
 
-        one = trace_step(config_from_dict(_with_layers(config, 1, layers)), inputs).peak_bytes
-        two = trace_step(config_from_dict(_with_layers(config, 2, layers)), inputs).peak_bytes
+        kinds = layer_kinds(build_meta_model(config_from_dict(config)))
+        base, per_kind = _trace_kinds(config, inputs, kinds)
     except Exception:  # an architecture the tracer cannot run: the caller warns and keeps the formulas
         return None
-    peak = one + (layers - 1) * max(0, two - one)
+    peak = base + sum(k["layers"] * max(0, k["traced"] - base) for k in per_kind)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         from hf_ftkit._files import write_text_atomic
 
-        write_text_atomic(file, json.dumps({"peak_bytes": peak, "one_layer": one, "two_layers": two}) + "\n")
+        record = {"peak_bytes": peak, "kinds": len(kinds), "one_of_each": base, "per_kind": per_kind}
+        write_text_atomic(file, json.dumps(record) + "\n")
     except OSError:
         pass  # a read-only home: the in-memory cache still serves this process
-    return peak
+    return TracedLayers(peak, len(kinds))
+
+
+def _trace_kinds(config: dict[str, Any], inputs: PlanInputs,
+                 kinds: list[list[int]]) -> tuple[int, list[dict[str, int]]]:
+    """The traced peak of the first layer of each kind together (every kind of layer present, so the adapter's
+    targets and the KV cache find what they need), and of those with one more layer of each kind that repeats."""
+    from hf_ftkit.planner.structure import config_from_dict
+    from hf_ftkit.planner.trace import trace_step
+
+    firsts = tuple(group[0] for group in kinds)
+    base = trace_step(config_from_dict(config), inputs, layers=firsts).peak_bytes
+    per_kind = []
+    for group in kinds:
+        if len(group) > 1:
+            cut = tuple(sorted((*firsts, group[1])))
+            traced = trace_step(config_from_dict(config), inputs, layers=cut).peak_bytes
+            per_kind.append({"layers": len(group) - 1, "layer": group[1], "traced": traced})
+    return base, per_kind
 
 
 def _inputs_fields(values: dict[str, Any]) -> dict[str, Any]:

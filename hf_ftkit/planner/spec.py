@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hf_ftkit.errors import BadInputError
+
 # Config attribute names differ between architectures (GPT-2 says n_embd, most say hidden_size).
 _ALIASES: dict[str, tuple[str, ...]] = {
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
@@ -135,6 +137,10 @@ class ModelSpec:
 def dims_from_config(cfg: Any) -> dict[str, Any]:
     """The dimensions the activation model needs, from a ``PretrainedConfig`` (or a config dict)."""
     hidden = int(_get(cfg, "hidden_size"))
+    if _get(cfg, "num_attention_heads") is None:  # Mamba, RWKV ...: no attention to plan
+        raise BadInputError(f"model_type {_get(cfg, 'model_type', 'unknown')!r} has no attention heads "
+                            "(num_attention_heads): hf-ftkit plans attention decoders, not state-space or recurrent "
+                            "models; plan an attention model instead.")
     heads = int(_get(cfg, "num_attention_heads"))
     kv_heads = int(_get(cfg, "num_key_value_heads") or heads)
     head_dim = int(_get(cfg, "head_dim") or hidden // heads)

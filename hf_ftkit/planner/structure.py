@@ -38,16 +38,25 @@ def config_from_dict(config: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
     check_dimensions(config)
-    values = dict(config)
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    decode = getattr(PretrainedConfig, "_decode_special_floats", lambda values: values)
+    values = decode(dict(config))  # {"__float__": "Infinity"}, as transformers writes non-JSON floats
     model_type = values.pop("model_type", None)
     if not model_type:
         raise BadInputError("the model config has no 'model_type'; pass the model's full config.json.")
+    if model_type not in CONFIG_MAPPING:
+        raise BadInputError(
+            f"transformers does not know model_type {model_type!r}; upgrade transformers or pass a known model.")
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates config fields with it
+
     try:
         return AutoConfig.for_model(model_type, **values)
-    except (KeyError, ValueError) as exc:
-        raise BadInputError(
-            f"transformers does not know model_type {model_type!r}; upgrade transformers or pass a known model."
-        ) from exc
+    except (KeyError, ValueError, TypeError, StrictDataclassError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"transformers rejects this {model_type!r} config ({reason}); pass the model's own, "
+                            "complete config.json.") from None
 
 
 def build_meta_model(config: Any) -> Any:
@@ -63,6 +72,10 @@ def build_meta_model(config: Any) -> Any:
                 f"model_type {config.model_type!r} has no causal-LM class in transformers; "
                 "hf-ftkit plans causal language models only."
             ) from exc
+        except ImportError as exc:  # e.g. a vision tower that needs timm
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"transformers needs a package this environment lacks to build "
+                                f"{config.model_type!r} ({reason}); install it and plan again.") from None
         except (RuntimeError, TypeError, AttributeError, ZeroDivisionError, AssertionError) as exc:
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise BadInputError(f"transformers cannot build {config.model_type!r} from this config ({reason}); "
@@ -81,11 +94,90 @@ def _decoder_layers(model: Any, num_layers: int) -> Any:
     return best[1] if best else None
 
 
+def _text_config(model: Any) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _per_layer_lists(config: Any, num_layers: int) -> dict[str, list[Any]]:
+    """Config entries that give one value per decoder layer (``layer_types``, ``no_rope_layers`` ...); lists of
+    layer indices (``moe_layers`` naming every layer) say nothing per layer and are left out."""
+    found = {}
+    for key in {*config.to_dict(), "layer_types"}:
+        value = getattr(config, key, None)
+        if not isinstance(value, list) or len(value) != num_layers or key == "architectures":
+            continue
+        if all(isinstance(v, int) for v in value) and len(set(value)) == num_layers:
+            continue
+        found[key] = value
+    return found
+
+
+def _layer_signature(layer: Any, per_layer: tuple[tuple[str, str], ...]) -> tuple[Any, ...]:
+    """What makes two decoder layers cost the same: their modules, parameter shapes and per-layer settings (the
+    layer's own index aside)."""
+    parts: list[Any] = [per_layer]
+    for name, module in layer.named_modules():
+        settings = tuple(sorted(
+            (k, v) for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and "idx" not in k and "index" not in k
+            and isinstance(v, (int, float, str, bool, type(None)))
+        ))
+        params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(recurse=False))
+        parts.append((name, type(module).__name__, params, settings))
+    return tuple(parts)
+
+
+def layer_kinds(model: Any) -> list[list[int]]:
+    """The decoder layers' indices grouped by kind, in order of first appearance: one group for a uniform stack;
+    DeepSeek's dense first layers, Jamba's Mamba and attention layers, Gemma 3's sliding and global ones apart."""
+    config = _text_config(model)
+    num_layers = int(config.num_hidden_layers)
+    layers = _decoder_layers(model, num_layers)
+    if layers is None:
+        raise ValueError("no stack of decoder layers found")
+    lists = _per_layer_lists(config, num_layers)
+    kinds: dict[tuple[Any, ...], list[int]] = {}
+    for i, layer in enumerate(layers):
+        per_layer = tuple((key, repr(values[i])) for key, values in sorted(lists.items()))
+        kinds.setdefault(_layer_signature(layer, per_layer), []).append(i)
+    return list(kinds.values())
+
+
+def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
+    """Cut ``model`` down to the decoder layers ``keep``, renumbered as a model built with just those layers would
+    number them (its config's per-layer lists cut alike), so that a trace of it costs what those layers cost."""
+    import torch.nn as nn
+
+    config = _text_config(model)
+    num_layers = int(config.num_hidden_layers)
+    layers = _decoder_layers(model, num_layers)
+    if layers is None:
+        raise ValueError("no stack of decoder layers found")
+    lists = _per_layer_lists(config, num_layers)
+    path = next(name for name, module in model.named_modules() if module is layers)
+    parent, _, attribute = path.rpartition(".")
+    kept = nn.ModuleList([layers[i] for i in keep])
+    for new, old in enumerate(keep):
+        for module in kept[new].modules():
+            if getattr(module, "layer_idx", None) == old:
+                module.layer_idx = new  # type: ignore[assignment]
+    setattr(model.get_submodule(parent), attribute, kept)
+    config.num_hidden_layers = len(keep)
+    for key, values in lists.items():
+        cut = [values[i] for i in keep]
+        try:
+            setattr(config, key, cut)
+        except AttributeError:  # a property (Jamba's layer_types): shadow it on a subclass of this config's class
+            base = type(config)
+            config.__class__ = type(base.__name__, (base,), {key: None})
+            setattr(config, key, cut)
+
+
 def spec_from_model(model: Any, model_id: str) -> ModelSpec:
     """Read a ``ModelSpec`` off an instantiated (usually meta) causal LM."""
     import torch.nn as nn
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     dims = dims_from_config(config)
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()

@@ -199,8 +199,9 @@ def _is_adapter(name: str) -> bool:
     return name.startswith("lora_") or name in {"default"}
 
 
-def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
-    """The model exactly as the run would hold it (method, dtype, GC), on the meta device."""
+def build_traced_model(config: Any, inputs: PlanInputs, layers: tuple[int, ...] | None = None) -> Any:
+    """The model exactly as the run would hold it (method, dtype, GC), on the meta device; with ``layers``, only
+    those decoder layers of it (:func:`hf_ftkit.planner.structure.keep_layers`)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -210,6 +211,10 @@ def build_traced_model(config: Any, inputs: PlanInputs) -> Any:
     config._attn_implementation = "sdpa" if supported and inputs.attn_implementation != "eager" else "eager"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=to_torch(inputs.weight_dtype))
+    if layers is not None:
+        from hf_ftkit.planner.structure import keep_layers
+
+        keep_layers(model, layers)
     if inputs.gradient_checkpointing:
         enable_checkpointing(model)
     if inputs.is_peft:
@@ -334,18 +339,19 @@ def padding_mask(ids: Any, padded: bool) -> Any:
     return mask
 
 
-def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = False) -> TraceResult:
+def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = False,
+               layers: tuple[int, ...] | None = None) -> TraceResult:
     """Peak memory of a training step of ``config`` under ``inputs``, traced without allocating.
 
     Sharding is not traced: the result is a single-device step (``gpus=1``). ``real=True`` runs the same step on
     real CPU tensors (random weights; it allocates everything, so small configs only and no 4-bit base): a
-    reference without FakeTensorMode.
+    reference without FakeTensorMode. ``layers`` keeps only those decoder layers of the model.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     if real and inputs.quantized_base:
         raise ValueError("a real-tensor trace cannot hold a 4-bit base: trace it with real=False")
-    model = build_traced_model(config, inputs)
+    model = build_traced_model(config, inputs, layers)
     # Trainer autocasts whenever bf16/fp16 is on, also over a model loaded in bf16; an adapter run at precision
     # bf16 is one without the flags (PlanInputs.autocast)
     autocast = inputs.autocast

@@ -106,3 +106,36 @@ def test_broken_config_file(tmp_path: Path):
     path.write_text("{not json")
     with pytest.raises(BadInputError, match="not a readable config.json"):
         resolve_model(str(path))
+
+
+def test_a_config_with_the_floats_transformers_writes_as_objects_is_read(tmp_path: Path):
+    """transformers saves inf/nan as {"__float__": "Infinity"} (Falcon-H1's time_step_limit) and reads them back."""
+    config = {"model_type": "falcon_h1", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024,
+              "mamba_d_ssm": 256, "mamba_n_heads": 4, "mamba_d_head": 64, "mamba_d_state": 16,
+              "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert resolve_model(str(tmp_path)).num_layers == 2
+
+
+def test_a_model_without_attention_is_refused_in_one_sentence():
+    with pytest.raises(BadInputError, match=r"'mamba' has no attention heads .*plan an attention model instead"):
+        spec_from_config({"model_type": "mamba", "hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 1024},
+                         "state-spaces/mamba-tiny")
+
+
+def test_a_model_that_needs_a_missing_package_names_it(monkeypatch, tiny_llama_config):
+    from transformers import AutoModelForCausalLM
+
+    def needs_timm(*args, **kwargs):
+        raise ImportError("TimmWrapperModel requires the timm library but it was not found in your environment.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", needs_timm)
+    with pytest.raises(BadInputError, match="lacks to build 'llama' .*timm library.*install it and plan again"):
+        spec_from_config(tiny_llama_config, "tiny")
+
+
+def test_a_config_transformers_rejects_is_one_sentence():
+    with pytest.raises(BadInputError, match="transformers rejects this 'falcon_h1' config"):
+        spec_from_config({"model_type": "falcon_h1", "hidden_size": 256, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "vocab_size": 1024, "time_step_limit": [0.0, "high"]}, "x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -112,6 +113,9 @@ def _per_layer_lists(config: Any, num_layers: int) -> dict[str, list[Any]]:
     return found
 
 
+_POSITION = re.compile(r"idx|index|_id$|_num(ber)?$")  # a layer's own position (layer_idx, layer_id, block_id ...)
+
+
 def _layer_signature(layer: Any, per_layer: tuple[tuple[str, str], ...]) -> tuple[Any, ...]:
     """What makes two decoder layers cost the same: their modules, parameter shapes and per-layer settings (the
     layer's own index aside)."""
@@ -119,7 +123,7 @@ def _layer_signature(layer: Any, per_layer: tuple[tuple[str, str], ...]) -> tupl
     for name, module in layer.named_modules():
         settings = tuple(sorted(
             (k, v) for k, v in vars(module).items()
-            if not k.startswith("_") and k != "training" and "idx" not in k and "index" not in k
+            if not k.startswith("_") and k != "training" and not _POSITION.search(k)
             and isinstance(v, (int, float, str, bool, type(None)))
         ))
         params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(recurse=False))

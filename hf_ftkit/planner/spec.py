@@ -29,10 +29,23 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     """Read ``key`` from a config dict or a ``PretrainedConfig``, trying each architecture's alias."""
     for name in _ALIASES.get(key, (key,)):
-        value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+        value = cfg.get(name) if isinstance(cfg, Mapping) else _attribute(cfg, name)
+        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return max(value)  # a size given per layer (Gemma 3n's intermediate_size): the largest layer's
         if value is not None:
             return value
     return default
+
+
+def _attribute(cfg: Any, name: str) -> Any:
+    """``cfg.name``; for an attribute a heterogeneous transformers config sets per layer (Gemma 4's head_dim),
+    the largest of the layers' values, which the formulas then plan every layer with."""
+    per_layer = getattr(cfg, "per_layer_attributes", None)
+    if per_layer and name in per_layer:
+        values = [getattr(layer, name, None) for layer in cfg.per_layer_config]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return max(numbers) if numbers else None
+    return getattr(cfg, name, None)
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,9 @@ class ModelSpec:
 
 def dims_from_config(cfg: Any) -> dict[str, Any]:
     """The dimensions the activation model needs, from a ``PretrainedConfig`` (or a config dict)."""
+    if _get(cfg, "hidden_size") is None:  # BLT and other models whose text config nests its sizes elsewhere
+        raise BadInputError(f"model_type {_get(cfg, 'model_type', 'unknown')!r} gives no hidden_size in its "
+                            "(text) config: hf-ftkit cannot read its decoder's sizes; plan a decoder LM instead.")
     hidden = int(_get(cfg, "hidden_size"))
     if _get(cfg, "num_attention_heads") is None:  # Mamba, RWKV ...: no attention to plan
         raise BadInputError(f"model_type {_get(cfg, 'model_type', 'unknown')!r} has no attention heads "

@@ -77,7 +77,8 @@ def build_meta_model(config: Any) -> Any:
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise BadInputError(f"transformers needs a package this environment lacks to build "
                                 f"{config.model_type!r} ({reason}); install it and plan again.") from None
-        except (RuntimeError, TypeError, AttributeError, ZeroDivisionError, AssertionError) as exc:
+        except (RuntimeError, TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError,
+                AssertionError) as exc:
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise BadInputError(f"transformers cannot build {config.model_type!r} from this config ({reason}); "
                                 "pass the model's own, complete config.json.") from None
@@ -103,7 +104,8 @@ def _per_layer_lists(config: Any, num_layers: int) -> dict[str, list[Any]]:
     """Config entries that give one value per decoder layer (``layer_types``, ``no_rope_layers`` ...); lists of
     layer indices (``moe_layers`` naming every layer) say nothing per layer and are left out."""
     found = {}
-    for key in {*config.to_dict(), "layer_types"}:
+    per_layer = getattr(config, "per_layer_attributes", None) or set()  # a heterogeneous config's own per-layer
+    for key in {*config.to_dict(), "layer_types"} - per_layer - {"per_layer_config"}:  # values: in the shapes
         value = getattr(config, key, None)
         if not isinstance(value, list) or len(value) != num_layers or key == "architectures":
             continue
@@ -148,8 +150,10 @@ def layer_kinds(model: Any) -> list[list[int]]:
 
 
 def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
-    """Cut ``model`` down to the decoder layers ``keep``, renumbered as a model built with just those layers would
-    number them (its config's per-layer lists cut alike), so that a trace of it costs what those layers cost."""
+    """Cut ``model``'s decoder stack down to the layers ``keep``, numbered first: their indices, and their entries in
+    the config's per-layer lists and per-layer configs, move to the front, so that the model runs them as its
+    first layers. The config still counts every layer, so what the model sizes by its depth (Gemma 4's per-layer
+    input embeddings, the KV cache's layers) stays as the full model has it, in every cut alike."""
     import torch.nn as nn
 
     config = _text_config(model)
@@ -157,6 +161,7 @@ def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
     layers = _decoder_layers(model, num_layers)
     if layers is None:
         raise ValueError("no stack of decoder layers found")
+    order = [*keep, *(i for i in range(num_layers) if i not in keep)]  # new index -> old index
     lists = _per_layer_lists(config, num_layers)
     path = next(name for name, module in model.named_modules() if module is layers)
     parent, _, attribute = path.rpartition(".")
@@ -166,15 +171,18 @@ def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
             if getattr(module, "layer_idx", None) == old:
                 module.layer_idx = new  # type: ignore[assignment]
     setattr(model.get_submodule(parent), attribute, kept)
-    config.num_hidden_layers = len(keep)
+    if getattr(config, "is_heterogeneous", False):  # per-layer values (Gemma 4's head_dim), keyed by layer index
+        overrides = config.to_dict().get("per_layer_config") or {}
+        by_layer = {int(k): v for k, v in overrides.items() if str(k).isdigit()}
+        config.per_layer_config = {new: by_layer[old] for new, old in enumerate(order) if old in by_layer}
     for key, values in lists.items():
-        cut = [values[i] for i in keep]
+        moved = [values[i] for i in order]
         try:
-            setattr(config, key, cut)
+            setattr(config, key, moved)
         except AttributeError:  # a property (Jamba's layer_types): shadow it on a subclass of this config's class
             base = type(config)
             config.__class__ = type(base.__name__, (base,), {key: None})
-            setattr(config, key, cut)
+            setattr(config, key, moved)
 
 
 def spec_from_model(model: Any, model_id: str) -> ModelSpec:

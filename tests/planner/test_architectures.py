@@ -202,17 +202,33 @@ def test_decoder_layers_are_grouped_by_kind(model_type):
         KINDS[model_type]
 
 
-def test_a_cut_model_numbers_its_layers_as_one_built_with_them():
-    from hf_ftkit.planner.structure import build_meta_model, keep_layers, layer_kinds
+def test_a_cut_model_runs_its_kept_layers_first_with_their_settings():
+    from hf_ftkit.planner.structure import build_meta_model, keep_layers
 
     model = build_meta_model(config_from_dict({"model_type": "qwen3_next", **MIXED["qwen3_next"]}))
-    full_attention = model.model.layers[3]
+    first, full_attention = model.model.layers[0], model.model.layers[3]
     keep_layers(model, (0, 3))
-    assert list(model.model.layers) == [model.model.layers[0], full_attention]
+    assert list(model.model.layers) == [first, full_attention]
     assert full_attention.self_attn.layer_idx == 1
-    assert model.config.num_hidden_layers == 2
-    assert model.config.layer_types == ["linear_attention", "full_attention"]
-    assert layer_kinds(model) == [[0], [1]]
+    assert model.config.layer_types == ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+    assert model.config.num_hidden_layers == 4  # what the model sizes by its depth stays as the full model has it
+
+
+def test_a_heterogeneous_config_is_planned_from_its_layers():
+    """transformers 5's heterogeneous configs (Gemma 4: a larger head_dim on its full-attention layers) refuse the
+    global per-layer attribute; the plan reads the layers' own values, and its cuts move the per-layer configs."""
+    gemma4 = dict(model_type="gemma4_text", hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128, vocab_size=4096,
+                  hidden_size_per_layer_input=64, vocab_size_per_layer_input=4096, sliding_window=64)
+    spec = spec_from_config(gemma4, "gemma-4-tiny")
+    assert spec.head_dim == 128  # the largest layer's
+    inputs = PlanInputs(method="lora", seq_len=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)
+        planned = plan(spec, inputs)
+    traced = trace_step(config_from_dict(gemma4), inputs).peak_bytes
+    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.03 * traced
+    assert any("decoder layers of each of its" in w for w in planned.warnings)
 
 
 MIXED_CASES = [pytest.param(m, c, marks=pytest.mark.slow if m == "jamba" else ())  # Mamba's reference scan is slow

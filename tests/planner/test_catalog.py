@@ -139,3 +139,18 @@ def test_a_config_transformers_rejects_is_one_sentence():
     with pytest.raises(BadInputError, match="transformers rejects this 'falcon_h1' config"):
         spec_from_config({"model_type": "falcon_h1", "hidden_size": 256, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "vocab_size": 1024, "time_step_limit": [0.0, "high"]}, "x")
+
+
+def test_a_size_given_per_layer_plans_with_the_largest():
+    """Gemma 3n gives intermediate_size per layer; the formulas take the largest layer's."""
+    from hf_ftkit.planner.spec import dims_from_config
+
+    assert dims_from_config({"model_type": "x", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                             "vocab_size": 10, "intermediate_size": [256, 512]})["intermediate_size"] == 512
+
+
+def test_a_config_without_a_hidden_size_is_refused_in_one_sentence():
+    from hf_ftkit.planner.spec import dims_from_config
+
+    with pytest.raises(BadInputError, match="'blt' gives no hidden_size"):
+        dims_from_config({"model_type": "blt", "num_hidden_layers": 2})

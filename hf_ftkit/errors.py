@@ -38,3 +38,24 @@ class HfFtkitWarning(UserWarning):
 
 class MergeVerificationError(HfFtkitError):
     """The merged model's outputs differ from base + adapter beyond the tolerance; nothing was written."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of ``exc``'s message (at most ``limit`` characters), or its type's name when it has none: what
+    a one-sentence error quotes of a library's exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def raised_in(exc: BaseException) -> str:
+    """The module whose code raised ``exc`` (its innermost frame), or "" when it has no traceback."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")) if tb is not None else ""
+
+
+def raised_by(exc: BaseException, package: str) -> bool:
+    """Whether ``exc`` was raised inside ``package``'s code."""
+    module = raised_in(exc)
+    return module == package or module.startswith(f"{package}.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from hf_ftkit.errors import BadInputError, HfFtkitWarning
+from hf_ftkit.errors import BadInputError, HfFtkitWarning, first_line, raised_by
 from hf_ftkit.planner import layer_trace
 from hf_ftkit.planner.budget import parse_budget
 from hf_ftkit.planner.estimate import Plan, estimate, with_extra_activations
@@ -87,9 +87,12 @@ def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan, reason: st
     """Where the formulas were not validated (``reason``): the traced per-layer memory, and a warning either
     way."""
     traced = layer_trace.traced_allocated_peak(spec, inputs)
-    if traced is None:
-        message = (f"{reason}, and tracing it failed here (needs torch and transformers, and a configuration PEFT "
-                   "accepts): the plan may be low; check it with --exact.")
+    if isinstance(traced, layer_trace.TraceFailed) and traced.peft_refused:
+        message = (f"{reason}, and PEFT refuses this adapter configuration on its layers ({traced.reason}): the run "
+                   "would fail the same way, so change the LoRA settings it names; this plan is the formulas'.")
+    elif isinstance(traced, layer_trace.TraceFailed):
+        message = (f"{reason}, and tracing it failed here ({traced.reason}): the plan may be low; check it with "
+                   "--exact.")
     else:
         single = estimate(spec, inputs.replace(gpus=1, nodes=1, shard="none", offload="none"))
         extra = traced.peak_bytes - single.allocated_peak_bytes
@@ -152,13 +155,12 @@ def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
     return found
 
 
-def _raised_by(exc: BaseException, package: str) -> bool:
-    """Whether ``exc`` was raised inside ``package``'s code (its innermost frame's module)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    return module == package or module.startswith(f"{package}.")
+def _peft_refuses(spec: ModelSpec, exc: ValueError) -> BadInputError:
+    """PEFT refused to wrap the model (traced whole or cut to some layers): the run itself would fail the same way
+    when PEFT wraps it, so the plan says so, as PEFT does."""
+    hint = " (an MoE model's all-linear includes its experts' fused parameters)" if spec.is_moe else ""
+    return BadInputError(f"PEFT refuses this adapter configuration{hint} ({first_line(exc, 300).rstrip('.')}); "
+                         "change the LoRA settings it names, as the run would fail the same way.")
 
 
 def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
@@ -174,12 +176,9 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
     try:
         traced = trace_step(config_from_dict(dict(spec.config)), inputs)
     except ValueError as exc:
-        if not _raised_by(exc, "peft"):
+        if not raised_by(exc, "peft"):
             raise
-        # the run itself would fail the same way when PEFT wraps the model: say so, as PEFT does
-        hint = " (an MoE model's all-linear includes its experts' fused parameters)" if spec.is_moe else ""
-        raise BadInputError(f"PEFT refuses this adapter configuration{hint} ({str(exc).rstrip('.')}); change the "
-                            "LoRA settings it names, as the run would fail the same way.") from exc
+        raise _peft_refuses(spec, exc) from exc
     constants = load("constants")
     replayed = replay(traced.events)  # the traced step's own allocations through the allocator model
     cats = traced.by_category

@@ -6,11 +6,13 @@ other decoder, the model is built from its own config and a training step is tra
 memory is allocated) with the first decoder layer of each kind the model has
 (:func:`hf_ftkit.planner.structure.layer_kinds`: most stacks have one kind; DeepSeek's dense first layers and MoE
 rest, Jamba's Mamba and attention layers, Gemma 3's sliding and global ones have more), and with those and one
-more layer of a kind, for each kind that repeats. Every layer of a kind adds the same parameters, gradients,
-optimizer states and saved activations, so ``trace(firsts) + Σ over kinds of (count - 1) × (trace(firsts + one
-more) - trace(firsts))`` is the full model's single-device allocated peak (for one kind:
+more layer of a kind run after them, for each kind that repeats. Every layer of a kind adds the same parameters,
+gradients, optimizer states and saved activations, so ``trace(firsts) + Σ over kinds of (count - 1) ×
+(trace(firsts + one more) - trace(firsts))`` is the full model's single-device allocated peak (for one kind:
 ``trace(1) + (n - 1) × (trace(2) - trace(1))``): dropout, composite activations, parallel attention/MLP blocks,
-extra norms are all in it by construction. Results are cached by config and inputs (in memory and on disk).
+extra norms are all in it by construction. (A kind's layers ahead of the first layer that trains save nothing for
+the backward: they count as one more layer run ahead of the firsts.) Results are cached by config and inputs (in
+memory and on disk).
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from hf_ftkit._data import load
+from hf_ftkit.errors import first_line, raised_by, raised_in
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
-CACHE_VERSION = 9  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
+CACHE_VERSION = 10  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
 # 4: the fp32 upcast of a 4-bit base reaches its modules_to_save copies; 5: adapters at precision bf16 run without
 # autocast, and adapter_dtype; 6: the tracer runs without ModTracker's module hooks, whose reference cycles kept
 # module temporaries alive; 7: a padded batch is traced with its padding mask; 8: a 4-bit base at precision bf16
 # runs without autocast (with kbit_upcast, in fp32); 9: one more layer of each kind of decoder layer is traced,
-# not the first two layers alone
+# not the first two layers alone; 10: that one more layer runs after the first of each kind
 
 
 def validated(model_type: str) -> bool:
@@ -48,9 +52,9 @@ def _single_device(inputs: PlanInputs) -> PlanInputs:
     return inputs.replace(gpus=1, nodes=1, shard="none", offload="none")
 
 
-def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> TracedLayers | None:
+def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> TracedLayers | TraceFailed:
     """The single-device allocated peak extrapolated from traces of the model's first decoder layer and one more
-    of each kind, or None when torch/transformers cannot trace this model here."""
+    of each kind, or why torch/transformers (or PEFT, refusing the adapter) cannot trace this model here."""
     single = _single_device(inputs)
     payload = json.dumps({"v": CACHE_VERSION, "config": spec.config, "inputs": single.to_dict()}, sort_keys=True,
                          default=str)
@@ -65,8 +69,17 @@ class TracedLayers:
     kinds: int
 
 
+@dataclass(frozen=True)
+class TraceFailed:
+    """Why the layers could not be traced here: the error, where it was raised, and whether it is PEFT refusing
+    the adapter configuration (a ValueError raised in PEFT), which the run itself would hit."""
+
+    reason: str
+    peft_refused: bool = False
+
+
 @cache
-def _traced(key: str, payload: str) -> TracedLayers | None:
+def _traced(key: str, payload: str) -> TracedLayers | TraceFailed:
     file = _cache_file(key)
     try:
         stored = json.loads(file.read_text())
@@ -80,8 +93,10 @@ def _traced(key: str, payload: str) -> TracedLayers | None:
 
         kinds = layer_kinds(build_meta_model(config_from_dict(config)))
         base, per_kind = _trace_kinds(config, inputs, kinds)
-    except Exception:  # an architecture the tracer cannot run: the caller warns and keeps the formulas
-        return None
+    except Exception as exc:  # an architecture the tracer cannot run: the caller warns and keeps the formulas
+        if isinstance(exc, ValueError) and raised_by(exc, "peft"):
+            return TraceFailed(first_line(exc, 300).rstrip("."), peft_refused=True)
+        return TraceFailed(f"{type(exc).__name__} in {raised_in(exc) or '?'}: {first_line(exc, 120)}")
     peak = base + sum(k["layers"] * max(0, k["traced"] - base) for k in per_kind)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -97,19 +112,45 @@ def _traced(key: str, payload: str) -> TracedLayers | None:
 def _trace_kinds(config: dict[str, Any], inputs: PlanInputs,
                  kinds: list[list[int]]) -> tuple[int, list[dict[str, int]]]:
     """The traced peak of the first layer of each kind together (every kind of layer present, so the adapter's
-    targets and the KV cache find what they need), and of those with one more layer of each kind that repeats."""
+    targets and the KV cache find what they need), and of those with one more layer of each kind that repeats.
+
+    A layer saves activations for the backward only from the first layer that trains on (an adapter run may train
+    none of its first layers: Bamba's Mamba layers ahead of its first attention layer, when LoRA adapts the
+    attention alone). So the one more layer runs after the first of each kind, as a kind's layers past that point
+    do, and, for a kind with layers ahead of it, also before them all."""
     from hf_ftkit.planner.structure import config_from_dict
     from hf_ftkit.planner.trace import trace_step
 
     firsts = tuple(group[0] for group in kinds)
     base = trace_step(config_from_dict(config), inputs, layers=firsts).peak_bytes
+    trained_from = _first_trained_layer(config, inputs, firsts) if len(kinds) > 1 else 0
     per_kind = []
     for group in kinds:
-        if len(group) > 1:
-            cut = tuple(sorted((*firsts, group[1])))
-            traced = trace_step(config_from_dict(config), inputs, layers=cut).peak_bytes
-            per_kind.append({"layers": len(group) - 1, "layer": group[1], "traced": traced})
+        ahead = sum(1 for i in group[1:] if i < trained_from)
+        if len(group) - 1 > ahead:
+            traced = trace_step(config_from_dict(config), inputs, layers=(*firsts, group[1])).peak_bytes
+            per_kind.append({"layers": len(group) - 1 - ahead, "layer": group[1], "traced": traced})
+        if ahead:
+            traced = trace_step(config_from_dict(config), inputs, layers=(group[1], *firsts)).peak_bytes
+            per_kind.append({"layers": ahead, "layer": group[1], "traced": traced, "ahead": 1})
     return base, per_kind
+
+
+def _first_trained_layer(config: dict[str, Any], inputs: PlanInputs, firsts: tuple[int, ...]) -> int:
+    """The index of the first decoder layer from which the backward reaches every layer: 0 when the embeddings'
+    output needs a gradient (full fine-tuning, trained embeddings, gradient checkpointing's input hook), else the
+    first layer with a trainable parameter (kinds are alike, so the first of each kind tells)."""
+    if not inputs.is_peft or inputs.gradient_checkpointing:
+        return 0
+    from hf_ftkit.planner.structure import config_from_dict, decoder_layers
+    from hf_ftkit.planner.trace import build_traced_model
+
+    model = build_traced_model(config_from_dict(config), inputs, firsts)
+    if any(p.requires_grad for p in model.get_input_embeddings().parameters()):
+        return 0
+    layers = decoder_layers(model, len(firsts))
+    trained = [i for i, layer in zip(firsts, layers, strict=True) if any(p.requires_grad for p in layer.parameters())]
+    return min(trained, default=sys.maxsize)  # no layer trains (LoRA on the output layer alone): none saves
 
 
 def _inputs_fields(values: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from hf_ftkit.errors import BadInputError
+from hf_ftkit.errors import BadInputError, first_line
 from hf_ftkit.planner.spec import LinearGroup, ModelSpec, dims_from_config
 
 # Sizes a config.json may give; each must be a positive integer, and a config needs some of them.
@@ -55,9 +55,8 @@ def config_from_dict(config: dict[str, Any]) -> Any:
     try:
         return AutoConfig.for_model(model_type, **values)
     except (KeyError, ValueError, TypeError, StrictDataclassError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"transformers rejects this {model_type!r} config ({reason}); pass the model's own, "
-                            "complete config.json.") from None
+        raise BadInputError(f"transformers rejects this {model_type!r} config ({first_line(exc)}); pass the model's "
+                            "own, complete config.json.") from None
 
 
 def build_meta_model(config: Any) -> Any:
@@ -74,17 +73,17 @@ def build_meta_model(config: Any) -> Any:
                 "hf-ftkit plans causal language models only."
             ) from exc
         except ImportError as exc:  # e.g. a vision tower that needs timm
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise BadInputError(f"transformers needs a package this environment lacks to build "
-                                f"{config.model_type!r} ({reason}); install it and plan again.") from None
+                                f"{config.model_type!r} ({first_line(exc)}); install it and plan again.") from None
         except (RuntimeError, TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError,
                 AssertionError) as exc:
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise BadInputError(f"transformers cannot build {config.model_type!r} from this config ({reason}); "
+            raise BadInputError(f"transformers cannot build {config.model_type!r} from this config "
+                                f"({first_line(exc)}); "
                                 "pass the model's own, complete config.json.") from None
 
 
-def _decoder_layers(model: Any, num_layers: int) -> Any:
+def decoder_layers(model: Any, num_layers: int) -> Any:
+    """The model's stack of ``num_layers`` decoder layers (the largest ModuleList of that length), or None."""
     import torch.nn as nn
 
     best = None
@@ -138,7 +137,7 @@ def layer_kinds(model: Any) -> list[list[int]]:
     DeepSeek's dense first layers, Jamba's Mamba and attention layers, Gemma 3's sliding and global ones apart."""
     config = _text_config(model)
     num_layers = int(config.num_hidden_layers)
-    layers = _decoder_layers(model, num_layers)
+    layers = decoder_layers(model, num_layers)
     if layers is None:
         raise ValueError("no stack of decoder layers found")
     lists = _per_layer_lists(config, num_layers)
@@ -158,7 +157,7 @@ def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
 
     config = _text_config(model)
     num_layers = int(config.num_hidden_layers)
-    layers = _decoder_layers(model, num_layers)
+    layers = decoder_layers(model, num_layers)
     if layers is None:
         raise ValueError("no stack of decoder layers found")
     order = [*keep, *(i for i in range(num_layers) if i not in keep)]  # new index -> old index
@@ -179,9 +178,10 @@ def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
         moved = [values[i] for i in order]
         try:
             setattr(config, key, moved)
-        except AttributeError:  # a property (Jamba's layer_types): shadow it on a subclass of this config's class
+        except AttributeError:  # a property (Jamba's layer_types, Bamba's under the name its attribute_map gives):
+            name = getattr(config, "attribute_map", {}).get(key, key)  # shadow it on a subclass of the config's class
             base = type(config)
-            config.__class__ = type(base.__name__, (base,), {key: None})
+            config.__class__ = type(base.__name__, (base,), {name: None})
             setattr(config, key, moved)
 
 
@@ -191,11 +191,15 @@ def spec_from_model(model: Any, model_id: str) -> ModelSpec:
 
     config = _text_config(model)
     dims = dims_from_config(config)
+    layers = decoder_layers(model, dims["num_layers"])
+    if dims["num_experts"] and layers is not None and not any("expert" in n for n, _ in layers.named_modules()):
+        # an expert count that configures no layer (Nemotron-H's default n_routed_experts on a pattern without MoE
+        # layers): a dense model
+        dims.update(num_experts=0, experts_per_token=0, moe_intermediate_size=0, shared_expert_intermediate_size=0)
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     head_weight = output.weight if output is not None else None
     tied = head_weight is None or head_weight is embedding
-    layers = _decoder_layers(model, dims["num_layers"])
     layer_ids = {id(m) for m in layers.modules()} if layers is not None else set()
 
     from transformers.pytorch_utils import Conv1D

@@ -313,17 +313,24 @@ def _grouped_mm_bf16_only() -> Iterator[None]:
         moe._can_use_grouped_mm = original
 
 
-def _retie(model: Any) -> None:
-    """Tie the input and output embeddings again, also under PEFT's ``modules_to_save`` wrappers (whose trainable
-    copies stay separate, as PEFT makes them; transformers' ``tie_weights`` cannot set a weight on a wrapper)."""
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    wrapped = [m for m in (out, inp) if m is not None and hasattr(m, "original_module")]
-    if not wrapped:
-        model.tie_weights()
-        return
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(text, "tie_word_embeddings", False) and out is not None and inp is not None:
-        getattr(out, "original_module", out).weight = getattr(inp, "original_module", inp).weight
+def _shared_parameters(model: Any) -> list[list[tuple[Any, str]]]:
+    """The parameters several modules hold (tied input and output embeddings, also under PEFT's
+    ``modules_to_save`` wrappers; a block shared between layers, as Zamba's), each as its holders."""
+    holders: dict[int, list[tuple[Any, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, name))
+    return [found for found in holders.values() if len(found) > 1]
+
+
+def _retie(shared: list[list[tuple[Any, str]]]) -> None:
+    """Share again what :func:`_shared_parameters` found shared: ``to_empty()`` replaces each module's parameters
+    one by one, which unties them. (transformers' ``tie_weights`` cannot: it sets no weight on a PEFT wrapper, and
+    its patterns name layers by their index in the full model, which a cut model renumbers.)"""
+    for (module, name), *others in shared:
+        for other, other_name in others:
+            other._parameters[other_name] = module._parameters[name]
 
 
 def padding_mask(ids: Any, padded: bool) -> Any:
@@ -356,14 +363,14 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
     # bf16 is one without the flags (PlanInputs.autocast)
     autocast = inputs.autocast
     amp_dtype = to_torch(inputs.compute_dtype_name) if autocast else torch.bfloat16  # fp32: autocast is off
+    shared = _shared_parameters(model)
     with nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         if real:
             with torch.no_grad():
                 for param in model.parameters():
                     param.normal_(0.0, 0.02)
-        # to_empty() replaces each module's parameters one by one, which unties shared weights.
-        _retie(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        _retie(shared)
         optimizer = _make_optimizer(model, inputs)
         tracker = _peak_only_tracker()
         for param in model.parameters():

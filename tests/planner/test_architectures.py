@@ -190,8 +190,19 @@ MIXED = {  # stacks whose decoder layers are not all alike, with what sets each 
     "jamba": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=4096, num_experts=4, num_experts_per_tok=2, attn_layer_period=4,
                   attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8),
+    # Mamba-2 layers ahead of its first attention layer, which LoRA on the attention alone leaves without a
+    # gradient, so that they save nothing for the backward (its layer_types is a property under another name)
+    "bamba": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=4096, attn_layer_indices=[2, 5], mamba_n_heads=8,
+                  mamba_d_head=64, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=64),
+    # Mamba-2, MLP and attention layers by a pattern string; transformers' default sets 8 routed experts that no
+    # layer of this pattern has
+    "nemotron_h": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, vocab_size=4096, hybrid_override_pattern="M-M*M-",
+                       mamba_num_heads=8, mamba_head_dim=64, ssm_state_size=16, n_groups=1, chunk_size=64),
 }
-KINDS = {"deepseek_v3": [[0, 1], [2, 3, 4]], "qwen3_next": [[0, 1, 2], [3]], "jamba": [[0, 4], [1, 3, 5, 7], [2, 6]]}
+KINDS = {"deepseek_v3": [[0, 1], [2, 3, 4]], "qwen3_next": [[0, 1, 2], [3]], "jamba": [[0, 4], [1, 3, 5, 7], [2, 6]],
+         "bamba": [[0, 1, 3, 4], [2, 5]], "nemotron_h": [[0, 2, 4], [1, 5], [3]]}
 
 
 @pytest.mark.parametrize("model_type", list(MIXED))
@@ -241,7 +252,11 @@ def test_a_stack_of_mixed_layers_is_planned_from_one_more_layer_of_each_kind(mod
                                                                             monkeypatch):
     """Extrapolating from the first two layers planned this DeepSeek as all dense (6% low for full fine-tuning, 7%
     for LoRA; 38% for all-linear LoRA), and could not trace Jamba or Qwen3-Next at all (their first layers have no
-    attention for the KV cache or the adapter targets), which fell back to the formulas (-46% to +26%)."""
+    attention for the KV cache or the adapter targets), which fell back to the formulas (-46% to +26%). Bamba
+    could not be traced (its layer_types is a property named by its attribute_map), and with one more layer
+    of each kind run in the model's order, its LoRA step planned 32% low (a Mamba layer ahead of the first
+    attention layer saves nothing, one after it does); Nemotron-H's full fine-tuning planned 191% high (8 experts
+    in the formulas that no layer has)."""
     monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
     mixed = {"model_type": model_type, **MIXED[model_type]}
     spec = spec_from_config(mixed, model_type)
@@ -253,3 +268,58 @@ def test_a_stack_of_mixed_layers_is_planned_from_one_more_layer_of_each_kind(mod
     assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.03 * traced
     kinds = len(KINDS[model_type])
     assert any(f"decoder layers of each of its {kinds} kinds" in w for w in planned.warnings)
+
+
+def test_a_failed_layer_trace_says_why(tmp_path, monkeypatch):
+    """The warning names the error, and where it was raised, as the plan falls back to the formulas."""
+    from hf_ftkit.planner import layer_trace
+
+    def fails(*_args):
+        raise RuntimeError("no kernel for this op\nsecond line")
+
+    monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(layer_trace, "_trace_kinds", fails)
+    layer_trace._traced.cache_clear()
+    spec = spec_from_config(config("gpt2"), "gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)
+        planned = plan(spec, PlanInputs(method="lora", seq_len=64))
+    layer_trace._traced.cache_clear()
+    assert any(f"tracing it failed here (RuntimeError in {__name__}: no kernel for this op)" in w
+               for w in planned.warnings)
+
+
+def test_peft_refusing_the_targets_on_traced_layers_is_said_as_peft_says_it(tmp_path, monkeypatch):
+    """PEFT refuses all-linear LoRA on Nemotron-H (a Mamba out_proj): the plan says so, and that the run would fail;
+    --exact refuses in one sentence."""
+    from hf_ftkit.errors import BadInputError
+
+    monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
+    nemotron = {"model_type": "nemotron_h", **MIXED["nemotron_h"]}
+    spec = spec_from_config(nemotron, "nemotron_h")
+    assert spec.num_experts == 0  # the default's expert count configures no layer of this pattern
+    inputs = PlanInputs(method="lora", seq_len=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)
+        planned = plan(spec, inputs)
+        with pytest.raises(BadInputError, match="PEFT refuses this adapter configuration .*'out_proj' is "
+                                                "incompatible with Mamba-based models"):
+            plan(spec, inputs, exact=True)
+    assert any("PEFT refuses this adapter configuration on its layers" in w and "the run would fail" in w
+               for w in planned.warnings)
+
+
+def test_a_block_shared_between_layers_stays_shared_in_a_cut(tmp_path):
+    """Zamba reuses one attention block in several layers; transformers' tie_weights names the copies by their
+    index in the full model, which a cut renumbers (it raised), so the tracer shares again what was shared."""
+    from hf_ftkit.planner.trace import _shared_parameters, build_traced_model
+
+    zamba = config_from_dict(dict(model_type="zamba", hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1024,
+                                  attn_layer_period=3, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=8,
+                                  n_mamba_heads=2))
+    model = build_traced_model(zamba, PlanInputs(method="full", seq_len=32), layers=(0, 2, 5))
+    holders = {tuple(sorted(type(module).__name__ for module, _ in found)) for found in _shared_parameters(model)}
+    assert ("Embedding", "Linear") in holders  # the tied output layer
+    assert ("Linear", "Linear") in holders  # the attention block layers 2 and 5 share
+    assert trace_step(zamba, PlanInputs(method="full", seq_len=32), layers=(0, 2, 5)).peak_bytes > 0

@@ -9,6 +9,8 @@ from hf_ftkit.recipes.catalog import catalog, plan_line, recipe_files, render_re
 from tests.recipes.conftest import ROOT
 
 RECIPES = recipe_files(ROOT / "recipes")
+# one worker plans every recipe, so that Gemma 2's traced layers (a minute on a cold cache) are traced once
+pytestmark = pytest.mark.xdist_group("recipe_catalog")
 
 
 def test_the_catalog_has_at_least_twelve_recipes_covering_every_method_and_sharding():

@@ -169,6 +169,11 @@ def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
         for module in kept[new].modules():
             if getattr(module, "layer_idx", None) == old:
                 module.layer_idx = new  # type: ignore[assignment]
+    moved_to = {old: new for new, old in enumerate(order)}
+    for module in kept.modules():  # per-layer maps keyed by layer index (Zamba2's shared block: layer -> adapter)
+        for name, value in list(vars(module).items()):
+            if "layer" in name and isinstance(value, dict) and value and all(k in moved_to for k in value):
+                setattr(module, name, {moved_to[k]: v for k, v in value.items()})
     setattr(model.get_submodule(parent), attribute, kept)
     if getattr(config, "is_heterogeneous", False):  # per-layer values (Gemma 4's head_dim), keyed by layer index
         overrides = config.to_dict().get("per_layer_config") or {}

@@ -200,9 +200,16 @@ MIXED = {  # stacks whose decoder layers are not all alike, with what sets each 
     "nemotron_h": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=64, vocab_size=4096, hybrid_override_pattern="M-M*M-",
                        mamba_num_heads=8, mamba_head_dim=64, ssm_state_size=16, n_groups=1, chunk_size=64),
+    # Mamba-2 layers and hybrid ones sharing one attention block, whose per-layer adapters it looks up by the
+    # layer's index in the full model
+    "zamba2": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=4096, hybrid_layer_ids=[2, 5],
+                   layers_block_type=["mamba", "mamba", "hybrid", "mamba", "mamba", "hybrid"], mamba_d_state=16,
+                   mamba_headdim=64, n_mamba_heads=8, mamba_ngroups=1, chunk_size=64, adapter_rank=16,
+                   num_mem_blocks=1),
 }
 KINDS = {"deepseek_v3": [[0, 1], [2, 3, 4]], "qwen3_next": [[0, 1, 2], [3]], "jamba": [[0, 4], [1, 3, 5, 7], [2, 6]],
-         "bamba": [[0, 1, 3, 4], [2, 5]], "nemotron_h": [[0, 2, 4], [1, 5], [3]]}
+         "bamba": [[0, 1, 3, 4], [2, 5]], "nemotron_h": [[0, 2, 4], [1, 5], [3]], "zamba2": [[0, 1, 3, 4], [2, 5]]}
 
 
 @pytest.mark.parametrize("model_type", list(MIXED))
@@ -256,7 +263,8 @@ def test_a_stack_of_mixed_layers_is_planned_from_one_more_layer_of_each_kind(mod
     could not be traced (its layer_types is a property named by its attribute_map), and with one more layer
     of each kind run in the model's order, its LoRA step planned 32% low (a Mamba layer ahead of the first
     attention layer saves nothing, one after it does); Nemotron-H's full fine-tuning planned 191% high (8 experts
-    in the formulas that no layer has)."""
+    in the formulas that no layer has); Zamba2 could not be traced (its shared block looks layers up by their
+    index in the full model)."""
     monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
     mixed = {"model_type": model_type, **MIXED[model_type]}
     spec = spec_from_config(mixed, model_type)

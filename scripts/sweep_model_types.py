@@ -1,8 +1,10 @@
 """Plan every causal-LM model type transformers knows, from its default config, and report what fails.
 
 A generality check, not a benchmark: each model type is planned (LoRA, 128 tokens) in its own process with a
-timeout, and the outcome is one of ``OK`` (a plan), ``BADINPUT`` (a one-sentence refusal, as users see it) or
-``CRASH`` (any other exception: a defect). Default configs are what ``AutoConfig.for_model`` gives, which for
+timeout, and the outcome is one of ``OK`` (a plan), ``FORMULAS`` (a plan from the formulas alone, with the
+warning that the layers could not be traced, and why), ``PEFT_REFUSES`` (the same, where PEFT refuses the adapter
+on the model's layers, as the run would), ``BADINPUT`` (a one-sentence refusal, as users see it) or ``CRASH`` (any
+other exception: a defect). Default configs are what ``AutoConfig.for_model`` gives, which for
 most types is the family's flagship size, so traced layers can take a while.
 
     python scripts/sweep_model_types.py              # all types, ~25 min on 2 cores
@@ -36,7 +38,13 @@ def plan_one(model_type: str) -> str:
         return f"BADINPUT {exc}"
     except Exception as exc:
         return f"CRASH {type(exc).__name__}: {str(exc)[:160]}"
-    return f"OK {spec.params_total / 1e9:.2f}B {planned.allocated_peak_bytes / 2**30:.2f} GiB"
+    size = f"{spec.params_total / 1e9:.2f}B {planned.allocated_peak_bytes / 2**30:.2f} GiB"
+    for warning in planned.warnings:  # planned from the formulas alone: why the layers were not traced
+        if "PEFT refuses this adapter configuration on its layers" in warning:
+            return f"PEFT_REFUSES {size}: {warning.split('on its layers (', 1)[1][:160]}"
+        if "tracing it failed here" in warning:
+            return f"FORMULAS {size}: {warning.split('failed here (', 1)[1][:160]}"
+    return f"OK {size}"
 
 
 def main(model_types: list[str]) -> int:

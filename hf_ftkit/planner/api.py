@@ -95,16 +95,11 @@ def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan, reason: st
                    "--exact.")
     else:
         single = estimate(spec, inputs.replace(gpus=1, nodes=1, shard="none", offload="none"))
-        extra = traced.peak_bytes - single.allocated_peak_bytes
-        # An adapter run peaks where every layer's activations are held (end of forward, start of backward):
-        # all its candidate peaks grow alike with depth, so the extrapolation holds both ways. Full fine-tuning
-        # can peak at the optimizer step, which grows faster with depth than what 1 and 2 layers show: there
-        # the traced figure may only raise the formulas'.
-        if not inputs.is_peft:
-            extra = max(0, extra)
+        extra = traced.peak_bytes - single.allocated_peak_bytes  # each phase extrapolated: it holds both ways
         result = with_extra_activations(result, extra)
-        kinds = f" of each of its {traced.kinds} kinds" if traced.kinds > 1 else ""
-        message = (f"{reason}: its per-layer memory was traced with 1 and 2 decoder layers{kinds} instead "
+        layers = f"a few decoder layers of each of its {traced.kinds} kinds" if traced.kinds > 1 \
+            else "1 and 2 decoder layers"
+        message = (f"{reason}: its per-layer memory was traced with {layers} instead "
                    f"({extra / 2**20:+,.0f} MiB against the formulas).")
     result.warnings.append(message)
     warnings.warn(message, HfFtkitWarning, stacklevel=3)
@@ -155,14 +150,6 @@ def intent_warnings(spec: ModelSpec, inputs: PlanInputs) -> list[str]:
     return found
 
 
-def _peft_refuses(spec: ModelSpec, exc: ValueError) -> BadInputError:
-    """PEFT refused to wrap the model (traced whole or cut to some layers): the run itself would fail the same way
-    when PEFT wraps it, so the plan says so, as PEFT does."""
-    hint = " (an MoE model's all-linear includes its experts' fused parameters)" if spec.is_moe else ""
-    return BadInputError(f"PEFT refuses this adapter configuration{hint} ({first_line(exc, 300).rstrip('.')}); "
-                         "change the LoRA settings it names, as the run would fail the same way.")
-
-
 def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
     """Replace the allocated part of ``analytic`` with a traced step's peak."""
     from hf_ftkit._data import load
@@ -178,7 +165,10 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
     except ValueError as exc:
         if not raised_by(exc, "peft"):
             raise
-        raise _peft_refuses(spec, exc) from exc
+        # PEFT refused to wrap the model: the run itself would fail the same way, so the plan says so, as PEFT does
+        hint = " (an MoE model's all-linear includes its experts' fused parameters)" if spec.is_moe else ""
+        raise BadInputError(f"PEFT refuses this adapter configuration{hint} ({first_line(exc, 300).rstrip('.')}); "
+                            "change the LoRA settings it names, as the run would fail the same way.") from exc
     constants = load("constants")
     replayed = replay(traced.events)  # the traced step's own allocations through the allocator model
     cats = traced.by_category

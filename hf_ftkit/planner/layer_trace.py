@@ -3,16 +3,17 @@
 The analytic activation model is checked against full traces for the architectures listed in
 ``data/validated_architectures.json`` (``tests/planner/test_architectures.py`` keeps that list honest). For any
 other decoder, the model is built from its own config and a training step is traced under FakeTensorMode (no
-memory is allocated) with the first decoder layer of each kind the model has
-(:func:`hf_ftkit.planner.structure.layer_kinds`: most stacks have one kind; DeepSeek's dense first layers and MoE
-rest, Jamba's Mamba and attention layers, Gemma 3's sliding and global ones have more), and with those and one
-more layer of a kind run after them, for each kind that repeats. Every layer of a kind adds the same parameters,
-gradients, optimizer states and saved activations, so ``trace(firsts) + Σ over kinds of (count - 1) ×
-(trace(firsts + one more) - trace(firsts))`` is the full model's single-device allocated peak (for one kind:
-``trace(1) + (n - 1) × (trace(2) - trace(1))``): dropout, composite activations, parallel attention/MLP blocks,
-extra norms are all in it by construction. (A kind's layers ahead of the first layer that trains save nothing for
-the backward: they count as one more layer run ahead of the firsts.) Results are cached by config and inputs (in
-memory and on disk).
+memory is allocated) with a few of its decoder layers. Every further layer of a kind adds the same parameters,
+gradients, optimizer states and saved activations, so for a uniform stack ``trace(1) + (n - 1) × (trace(2) -
+trace(1))`` is the full model's single-device allocated peak: dropout, composite activations, parallel
+attention/MLP blocks, extra norms are all in it by construction. A stack of several kinds
+(:func:`hf_ftkit.planner.structure.layer_kinds`: DeepSeek's dense first layers and MoE rest, Jamba's Mamba and
+attention layers, Gemma 3's sliding and global ones) starts from a base of the first layer of each kind and one
+more of each kind that repeats, and adds ``(count - 2) × (trace(base + one more of the kind) - trace(base))`` for
+each kind. That holds phase by phase (each forward; each backward, whole and from the bottom decoder layer on;
+each optimizer step: :func:`hf_ftkit.planner.trace.trace_step`), and the peak is the highest phase so
+extrapolated: which phase peaks can change with depth (a few layers peak with the logits' gradients, a deep model
+with all its gradients made). Results are cached by config and inputs (in memory and on disk).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from hf_ftkit.errors import first_line, raised_by, raised_in
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
-CACHE_VERSION = 10  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
+CACHE_VERSION = 11  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
 # 4: the fp32 upcast of a 4-bit base reaches its modules_to_save copies; 5: adapters at precision bf16 run without
 # autocast, and adapter_dtype; 6: the tracer runs without ModTracker's module hooks, whose reference cycles kept
 # module temporaries alive; 7: a padded batch is traced with its padding mask; 8: a 4-bit base at precision bf16
 # runs without autocast (with kbit_upcast, in fp32); 9: one more layer of each kind of decoder layer is traced,
-# not the first two layers alone; 10: that one more layer runs after the first of each kind
+# not the first two layers alone; 10: that one more layer runs after the first of each kind; 11: extrapolated
+# phase by phase, and a stack of several kinds from a base holding one more layer of each
 
 
 def validated(model_type: str) -> bool:
@@ -97,7 +99,7 @@ def _traced(key: str, payload: str) -> TracedLayers | TraceFailed:
         if isinstance(exc, ValueError) and raised_by(exc, "peft"):
             return TraceFailed(first_line(exc, 300).rstrip("."), peft_refused=True)
         return TraceFailed(f"{type(exc).__name__} in {raised_in(exc) or '?'}: {first_line(exc, 120)}")
-    peak = base + sum(k["layers"] * max(0, k["traced"] - base) for k in per_kind)
+    peak = _extrapolated(base, per_kind)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         from hf_ftkit._files import write_text_atomic
@@ -110,30 +112,44 @@ def _traced(key: str, payload: str) -> TracedLayers | TraceFailed:
 
 
 def _trace_kinds(config: dict[str, Any], inputs: PlanInputs,
-                 kinds: list[list[int]]) -> tuple[int, list[dict[str, int]]]:
-    """The traced peak of the first layer of each kind together (every kind of layer present, so the adapter's
-    targets and the KV cache find what they need), and of those with one more layer of each kind that repeats.
+                 kinds: list[list[int]]) -> tuple[list[int], list[dict[str, Any]]]:
+    """The traced phase peaks of a base cut of the model, and for each run of alike layers that repeats, those of the
+    base with one more of them: what each further layer of that run adds.
 
-    A layer saves activations for the backward only from the first layer that trains on (an adapter run may train
-    none of its first layers: Bamba's Mamba layers ahead of its first attention layer, when LoRA adapts the
-    attention alone). So the one more layer runs after the first of each kind, as a kind's layers past that point
-    do, and, for a kind with layers ahead of it, also before them all."""
+    One kind: the first layer is the base. Several kinds: the base is the first layer of each kind (so the
+    adapter's targets and the KV cache find what they need) and the last of each run of alike layers, in the
+    model's order, so that it ends with the model's own last layer and every kind's backward already runs in it
+    once: what happens once per step (Jamba's first Mamba backward after layers that save nothing, the top layer's
+    backward) is then in the base and not taken as a per-layer cost. A layer saves activations for the backward
+    only from the first layer that trains on (an adapter run may train none of its first layers: Bamba's Mamba
+    layers ahead of its first attention layer, when LoRA adapts the attention alone), so a kind's layers ahead of
+    that layer are a run of their own, and the rest another. Each run's further layers are traced as its first,
+    in its place in the model's order."""
     from hf_ftkit.planner.structure import config_from_dict
     from hf_ftkit.planner.trace import trace_step
 
+    def trace(layers: tuple[int, ...]) -> list[int]:
+        return list(trace_step(config_from_dict(config), inputs, layers=layers).phase_peaks)
+
     firsts = tuple(group[0] for group in kinds)
-    base = trace_step(config_from_dict(config), inputs, layers=firsts).peak_bytes
-    trained_from = _first_trained_layer(config, inputs, firsts) if len(kinds) > 1 else 0
-    per_kind = []
-    for group in kinds:
-        ahead = sum(1 for i in group[1:] if i < trained_from)
-        if len(group) - 1 > ahead:
-            traced = trace_step(config_from_dict(config), inputs, layers=(*firsts, group[1])).peak_bytes
-            per_kind.append({"layers": len(group) - 1 - ahead, "layer": group[1], "traced": traced})
-        if ahead:
-            traced = trace_step(config_from_dict(config), inputs, layers=(group[1], *firsts)).peak_bytes
-            per_kind.append({"layers": ahead, "layer": group[1], "traced": traced, "ahead": 1})
-    return base, per_kind
+    if len(kinds) == 1:
+        more = kinds[0][1:]
+        return trace(firsts), [{"layers": len(more), "layer": more[0], "traced": trace((*firsts, more[0]))}] \
+            if more else []
+    trained_from = _first_trained_layer(config, inputs, firsts)
+    runs = [run for group in kinds for ahead in (True, False)
+            if (run := [i for i in group[1:] if (i < trained_from) == ahead])]
+    base = tuple(sorted({*firsts, *(run[-1] for run in runs)}))
+    per_kind = [{"layers": len(run) - 1, "layer": run[0], "traced": trace(tuple(sorted({*base, run[0]})))}
+                for run in runs if len(run) > 1]
+    return trace(base), per_kind
+
+
+def _extrapolated(base: list[int], per_kind: list[dict[str, Any]]) -> int:
+    """The highest phase of the full model: each phase's peak of the base, plus each run's further layers times
+    what one more of them adds to that phase."""
+    return max(peak + sum(k["layers"] * max(0, k["traced"][phase] - peak) for k in per_kind)
+               for phase, peak in enumerate(base))
 
 
 def _first_trained_layer(config: dict[str, Any], inputs: PlanInputs, firsts: tuple[int, ...]) -> int:
@@ -142,13 +158,13 @@ def _first_trained_layer(config: dict[str, Any], inputs: PlanInputs, firsts: tup
     first layer with a trainable parameter (kinds are alike, so the first of each kind tells)."""
     if not inputs.is_peft or inputs.gradient_checkpointing:
         return 0
-    from hf_ftkit.planner.structure import config_from_dict, decoder_layers
+    from hf_ftkit.planner.structure import config_from_dict, decoder_stack
     from hf_ftkit.planner.trace import build_traced_model
 
     model = build_traced_model(config_from_dict(config), inputs, firsts)
     if any(p.requires_grad for p in model.get_input_embeddings().parameters()):
         return 0
-    layers = decoder_layers(model, len(firsts))
+    layers = decoder_stack(model, len(firsts))
     trained = [i for i, layer in zip(firsts, layers, strict=True) if any(p.requires_grad for p in layer.parameters())]
     return min(trained, default=sys.maxsize)  # no layer trains (LoRA on the output layer alone): none saves
 

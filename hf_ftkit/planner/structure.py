@@ -95,6 +95,15 @@ def decoder_layers(model: Any, num_layers: int) -> Any:
     return best[1] if best else None
 
 
+def decoder_stack(model: Any, num_layers: int | None = None) -> Any:
+    """The model's decoder layers (a ModuleList): as many as its config counts, or ``num_layers`` of them in a model
+    cut by :func:`keep_layers`. Raises ValueError when no such stack is found."""
+    layers = decoder_layers(model, int(_text_config(model).num_hidden_layers) if num_layers is None else num_layers)
+    if layers is None:
+        raise ValueError("no stack of decoder layers found")
+    return layers
+
+
 def _text_config(model: Any) -> Any:
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
@@ -136,11 +145,8 @@ def layer_kinds(model: Any) -> list[list[int]]:
     """The decoder layers' indices grouped by kind, in order of first appearance: one group for a uniform stack;
     DeepSeek's dense first layers, Jamba's Mamba and attention layers, Gemma 3's sliding and global ones apart."""
     config = _text_config(model)
-    num_layers = int(config.num_hidden_layers)
-    layers = decoder_layers(model, num_layers)
-    if layers is None:
-        raise ValueError("no stack of decoder layers found")
-    lists = _per_layer_lists(config, num_layers)
+    layers = decoder_stack(model)
+    lists = _per_layer_lists(config, len(layers))
     kinds: dict[tuple[Any, ...], list[int]] = {}
     for i, layer in enumerate(layers):
         per_layer = tuple((key, repr(values[i])) for key, values in sorted(lists.items()))
@@ -156,10 +162,8 @@ def keep_layers(model: Any, keep: tuple[int, ...]) -> None:
     import torch.nn as nn
 
     config = _text_config(model)
-    num_layers = int(config.num_hidden_layers)
-    layers = decoder_layers(model, num_layers)
-    if layers is None:
-        raise ValueError("no stack of decoder layers found")
+    layers = decoder_stack(model)
+    num_layers = len(layers)
     order = [*keep, *(i for i in range(num_layers) if i not in keep)]  # new index -> old index
     lists = _per_layer_lists(config, num_layers)
     path = next(name for name, module in model.named_modules() if module is layers)

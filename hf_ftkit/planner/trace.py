@@ -40,12 +40,15 @@ class TraceResult:
     """Peak bytes of one traced training step, total and by MemTracker category.
 
     ``events`` lists every storage's allocation and release in order (``(key, bytes, is_alloc)``),
-    which :func:`hf_ftkit.planner.allocator.replay` turns into a reserved peak.
+    which :func:`hf_ftkit.planner.allocator.replay` turns into a reserved peak. ``phase_peaks`` is the peak of
+    each phase in order (every micro-batch's forward and backward, every optimizer step): the same phases for any
+    number of layers, which lets :mod:`hf_ftkit.planner.layer_trace` extrapolate each on its own.
     """
 
     peak_bytes: int
     by_category: dict[str, int]
     events: tuple[tuple[object, int, bool], ...] = ()
+    phase_peaks: tuple[int, ...] = ()
 
 
 class _NoHandle:
@@ -83,10 +86,36 @@ def _peak_only_tracker() -> Any:
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
     class PeakOnlyTracker(MemTracker):
-        """Also records every storage's allocation and release, in order, for the allocator model."""
+        """Also records every storage's allocation and release, in order, for the allocator model, and the
+        peak of each phase the trace loop marks (:meth:`end_phase`)."""
 
         events: list[tuple[object, int, bool]] = []
         _keys: dict[int, int] = {}
+        phase_peaks: list[int] = []
+        _phase_peak = 0
+        _upper_peak: int | None = None
+
+        def _level(self) -> int:
+            return sum(snap[_TOTAL_KEY] for snap in self._curr_mem_snap.values())
+
+        def end_phase(self) -> None:
+            """Close the current phase: record its peak; the next one starts from what is allocated now."""
+            self.phase_peaks.append(self._phase_peak)
+            self._phase_peak = self._level()
+
+        def bottom_reached(self) -> None:
+            """The backward reached the bottom decoder layer: its part from there on is watched apart."""
+            self._upper_peak = self._phase_peak
+            self._phase_peak = self._level()
+
+        def end_backward(self) -> None:
+            """Close a backward: record the peak of the whole of it, then that of its part from the bottom layer on
+            (the whole again for a backward that never reached the bottom layer: no gradient flows there)."""
+            whole = max(self._phase_peak, self._upper_peak or 0)
+            self.phase_peaks.append(whole)
+            self._phase_peak = whole if self._upper_peak is None else self._phase_peak
+            self._upper_peak = None
+            self.end_phase()
 
         def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None,
                          old_reftype: Any = None) -> None:
@@ -103,12 +132,13 @@ def _peak_only_tracker() -> Any:
 
         def _update_peak_stats(self, peak_state: Any) -> None:
             for dev, snap in self._curr_mem_snap.items():
+                self._phase_peak = max(self._phase_peak, snap[_TOTAL_KEY])
                 if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
                     self._peak_mem[dev] = snap[_TOTAL_KEY]
                     self._peak_mem_snap[dev] = deepcopy(snap)
 
     tracker = PeakOnlyTracker()
-    tracker.events, tracker._keys = [], {}
+    tracker.events, tracker._keys, tracker.phase_peaks = [], {}, []
     tracker._mod_tracker = cast(Any, _NoModuleHooks())
     return tracker
 
@@ -333,6 +363,42 @@ def _retie(shared: list[list[tuple[Any, str]]]) -> None:
             other._parameters[other_name] = module._parameters[name]
 
 
+@contextmanager
+def _marking_bottom_layer(model: Any, layers: tuple[int, ...] | None, tracker: Any) -> Iterator[None]:
+    """Watch each backward's part from where it reaches the bottom decoder layer (the last it runs through).
+
+    Within the backward, memory moves by the same amount at every layer (saved activations go, the layer's
+    gradients come), so it peaks near the backward's start (the loss's and the logits' gradients, the top layers'
+    recomputation under checkpointing) or at its end, with every gradient made and the bottom layer's own backward
+    under way. Which of the two is higher can change with depth: a few layers' traces peak near the start while a
+    deep model, whose gradients outweigh the logits, peaks at the end. The whole backward and its bottom part,
+    each extrapolated on its own (:mod:`hf_ftkit.planner.layer_trace`), follow both."""
+    import torch
+
+    from hf_ftkit.planner.structure import decoder_stack
+
+    try:
+        stack = decoder_stack(model, len(layers) if layers is not None else None)
+    except ValueError:  # no stack found: the backward stays one phase (counted twice)
+        yield
+        return
+
+    def mark(module: Any, args: Any, output: Any) -> None:
+        if tracker._mod_tracker.is_bw:
+            return  # the layer's recomputation under checkpointing
+        values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) \
+            else (output,)
+        hidden = next((value for value in values if isinstance(value, torch.Tensor)), None)
+        if hidden is not None and hidden.requires_grad:
+            hidden.register_hook(lambda grad: tracker.bottom_reached())
+
+    handle = stack[0].register_forward_hook(mark)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def padding_mask(ids: Any, padded: bool) -> Any:
     """The attention mask of a batch of ``ids`` the plan holds as padded: one padded position, so transformers
     builds the mask a padded batch gets (None for an unpadded batch). The tracer and the sharded benchmarks share it.
@@ -380,7 +446,7 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
         # the parameters and buffers, with the gradient hooks the module hooks would install (gradients count as
         # GRAD, not as backward temporaries)
         tracker._track_module_params_and_buffers(model, install_grad_hooks=True)
-        with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only():
+        with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only(), _marking_bottom_layer(model, layers, tracker):
             # Collect the young generations first, so that whatever reference cycles remain are collected at the
             # same points of every trace, from wherever the collector's counters stood.
             gc.collect(1)
@@ -392,14 +458,18 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
                     mask = padding_mask(ids, padded_batch(inputs))
                     with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
                         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+                    tracker.end_phase()
                     tracker._mod_tracker.is_bw = True
                     loss.backward()
                     tracker._mod_tracker.is_bw = False
+                    tracker.end_backward()
                     tracker.reset_mod_stats()  # per-module stats only; the device peak is kept
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                tracker.end_phase()
                 tracker.reset_mod_stats()
         snapshot = tracker.get_tracker_snapshot("peak")
     per_device = next(iter(snapshot.values()))
     by_category = {str(k).rsplit(".", 1)[-1]: int(v) for k, v in per_device.items() if str(k) != "Total"}
-    return TraceResult(peak_bytes=int(per_device["Total"]), by_category=by_category, events=tuple(tracker.events))
+    return TraceResult(peak_bytes=int(per_device["Total"]), by_category=by_category, events=tuple(tracker.events),
+                       phase_peaks=tuple(tracker.phase_peaks))

@@ -80,11 +80,28 @@ def test_other_architectures_are_planned_from_their_traced_layers(model_type, ch
         warnings.simplefilter("always", HfFtkitWarning)
         planned = plan(spec, inputs)
     traced = trace_step(config_from_dict(config(model_type)), inputs).peak_bytes  # the whole 4-layer model
-    # 1 and 2 layers can peak in another phase than n layers (checkpointing): the extrapolation then errs high
-    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.08 * traced
+    # before each phase was extrapolated on its own, Phi's full fine-tuning with checkpointing planned 5% high
+    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.02 * traced
     assert any("not among the architectures" in w for w in planned.warnings)
     assert any(issubclass(w.category, HfFtkitWarning) for w in caught)
     assert list((tmp_path / "layer_traces").glob("*.json"))  # cached for the next plan
+
+
+def test_a_deep_model_whose_gradients_outweigh_its_logits_is_planned_from_its_layers(tmp_path, monkeypatch):
+    """One and two layers of this checkpointed all-linear LoRA peak at the start of the backward, with the logits'
+    gradients; eight peak at its end, where every layer's adapter gradients are made. Extrapolating the step's
+    peak alone planned it 9% low (Qwen3-Next-80B's all-linear LoRA with checkpointing: 5% low)."""
+    monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
+    deep = {**config("gpt2"), "n_layer": 8}
+    inputs = PlanInputs(method="lora", lora_r=64, lora_dropout=0.0, gradient_checkpointing=True, seq_len=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HfFtkitWarning)
+        planned = plan(spec_from_config(deep, "gpt2"), inputs)
+    whole = trace_step(config_from_dict(deep), inputs)
+    assert 0.99 * whole.peak_bytes <= planned.allocated_peak_bytes <= 1.01 * whole.peak_bytes
+    # phases of a step: forward, backward, the backward's part from the bottom layer on, optimizer step
+    two = trace_step(config_from_dict(deep), inputs, layers=(0, 1))
+    assert two.phase_peaks[-2] < two.peak_bytes and whole.phase_peaks[-2] == whole.peak_bytes
 
 
 def test_the_warning_reaches_the_json(tmp_path, capsys, monkeypatch):
@@ -245,7 +262,7 @@ def test_a_heterogeneous_config_is_planned_from_its_layers():
         warnings.simplefilter("ignore", HfFtkitWarning)
         planned = plan(spec, inputs)
     traced = trace_step(config_from_dict(gemma4), inputs).peak_bytes
-    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.03 * traced
+    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.02 * traced
     assert any("decoder layers of each of its" in w for w in planned.warnings)
 
 
@@ -273,7 +290,7 @@ def test_a_stack_of_mixed_layers_is_planned_from_one_more_layer_of_each_kind(mod
         warnings.simplefilter("ignore", HfFtkitWarning)
         planned = plan(spec, inputs)
     traced = trace_step(config_from_dict(mixed), inputs).peak_bytes
-    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.03 * traced
+    assert 0.98 * traced <= planned.allocated_peak_bytes <= 1.02 * traced
     kinds = len(KINDS[model_type])
     assert any(f"decoder layers of each of its {kinds} kinds" in w for w in planned.warnings)
 

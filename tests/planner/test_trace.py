@@ -159,3 +159,16 @@ def test_a_trained_lm_heads_gradient_lives_through_the_backward(tiny_llama_confi
     inputs = PlanInputs(method="lora", lora_targets="q_proj,v_proj", seq_len=32, modules_to_save=("lm_head",))
     traced = plan(spec, inputs, exact=True)
     assert estimate(spec, inputs).allocated_peak_bytes == pytest.approx(traced.allocated_peak_bytes, rel=0.01)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_every_phase_of_the_traced_steps_has_its_peak(tiny_llama_config, accumulation):
+    """Per step: each micro-batch's forward, its backward, the backward's part from the bottom decoder layer on, and
+    the optimizer step; the highest of them is the trace's peak."""
+    inputs = PlanInputs(method="lora", seq_len=64, gradient_accumulation_steps=accumulation)
+    traced = trace_step(config_from_dict(dict(tiny_llama_config)), inputs)
+    assert len(traced.phase_peaks) == 2 * (3 * accumulation + 1)
+    assert max(traced.phase_peaks) == traced.peak_bytes
+    backwards = traced.phase_peaks[1::3][:accumulation]
+    bottoms = traced.phase_peaks[2::3][:accumulation]
+    assert all(0 < bottom <= whole for bottom, whole in zip(bottoms, backwards, strict=True))

@@ -153,11 +153,14 @@ def dims_from_config(cfg: Any) -> dict[str, Any]:
         raise BadInputError(f"model_type {_get(cfg, 'model_type', 'unknown')!r} gives no hidden_size in its "
                             "(text) config: hf-ftkit cannot read its decoder's sizes; plan a decoder LM instead.")
     hidden = int(_get(cfg, "hidden_size"))
-    if _get(cfg, "num_attention_heads") is None:  # Mamba, RWKV ...: no attention to plan
+    # A transformers config names its attention heads num_attention_heads (its attribute_map maps GPT-2's n_head):
+    # there, num_heads is a state-space model's (Mamba-2, xLSTM), not attention
+    heads = _get(cfg, "num_attention_heads") if isinstance(cfg, Mapping) else _attribute(cfg, "num_attention_heads")
+    if heads is None:  # Mamba, RWKV ...: no attention to plan
         raise BadInputError(f"model_type {_get(cfg, 'model_type', 'unknown')!r} has no attention heads "
                             "(num_attention_heads): hf-ftkit plans attention decoders, not state-space or recurrent "
                             "models; plan an attention model instead.")
-    heads = int(_get(cfg, "num_attention_heads"))
+    heads = int(heads)
     kv_heads = int(_get(cfg, "num_key_value_heads") or heads)
     head_dim = int(_get(cfg, "head_dim") or hidden // heads)
     intermediate = int(_get(cfg, "intermediate_size") or 4 * hidden)

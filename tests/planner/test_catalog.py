@@ -118,10 +118,16 @@ def test_a_config_with_the_floats_transformers_writes_as_objects_is_read(tmp_pat
     assert resolve_model(str(tmp_path)).num_layers == 2
 
 
-def test_a_model_without_attention_is_refused_in_one_sentence():
-    with pytest.raises(BadInputError, match=r"'mamba' has no attention heads .*plan an attention model instead"):
-        spec_from_config({"model_type": "mamba", "hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 1024},
-                         "state-spaces/mamba-tiny")
+@pytest.mark.parametrize("model_type, sizes", [
+    ("mamba", {}),
+    # num_heads is Mamba-2's state-space heads: it was read as attention heads, and Mamba-2 planned as attention
+    ("mamba2", {"num_heads": 8, "head_dim": 64, "expand": 2, "n_groups": 1}),
+])
+def test_a_model_without_attention_is_refused_in_one_sentence(model_type, sizes):
+    with pytest.raises(BadInputError, match=rf"'{model_type}' has no attention heads .*plan an attention model "
+                                            "instead"):
+        spec_from_config({"model_type": model_type, "hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 1024,
+                          **sizes}, f"state-spaces/{model_type}-tiny")
 
 
 def test_a_model_that_needs_a_missing_package_names_it(monkeypatch, tiny_llama_config):

@@ -192,7 +192,51 @@ def _published_lines(rows: list[dict]) -> list[str]:
               f"of which {sum(1 for r in under if r['stack'] == 'hf')} fully known transformers runs. "
               f"One reading per run (without the {len(rows) - len(runs)} second counters of runs already in the "
               f"set, their `-reserved` points): {_summary(runs)}.", ""]
+    lines += _shared_batch_lines()
     lines += ["", "Confidence notes:", ""] + [f"- {r['id']}: {r['confidence']}" for r in rows] + [""]
+    return lines
+
+
+def _shared_batch_lines() -> list[str]:
+    """PEFT's MetaMathQA runs share their batches: what length of the longest batch each reading implies."""
+    import statistics
+
+    points = [p for p in json.loads(PUBLISHED.read_text())["points"] if p["id"].startswith("peft-metamathqa")]
+    implied = {}
+    for point in points:
+        spec, inputs = resolve_model(point["model"]), PlanInputs(**point["config"])
+
+        def reserved(length: int) -> int:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return plan(spec, inputs.replace(seq_len=length)).reserved_peak_bytes  # noqa: B023
+
+        low, high = 1, inputs.seq_len  # the longest length whose plan stays at or below the reading
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if reserved(middle) <= point["bytes"] else (low, middle - 1)
+        implied[point["id"]] = (low, point, spec, inputs)
+    lines = ["### PEFT's MetaMathQA runs: one longest batch", "",
+             "PEFT's `method_comparison/MetaMathQA` runs take their batches in the same order (no shuffling: each "
+             "bucket of 80 samples, sorted longest first) from the same split of the same dataset, with the same "
+             "tokenizer and 20,000 samples each, so every run meets the same longest batch. The plan above takes it "
+             "at the 768-token cap (`max_seq_length`: PEFT's character filter keeps samples under it, and "
+             "the runs' mean sample is 210 tokens), which is an upper bound. Here each reading is turned around: the "
+             "longest batch (batch 4, padded) for which the plan's reserved peak does not exceed the reading. One "
+             "length for all five would mean the plan differs between the methods (full, LoRA on q/v at ranks 32 "
+             "and 64, DoRA, LoRA on the MLP) as the GPU did. Leave one out: each point's error when planned at the "
+             "median length that the other four imply (nothing fitted to the point itself).", "",
+             "| point | implied longest batch (tokens) | error at the others' median length |", "|---|---:|---:|"]
+    for key, (length, point, spec, inputs) in implied.items():
+        others = statistics.median(v[0] for k, v in implied.items() if k != key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            planned = plan(spec, inputs.replace(seq_len=round(others))).reserved_peak_bytes
+        lines.append(f"| {key} | {length} | {100.0 * (planned - point['bytes']) / point['bytes']:+.1f}% "
+                     f"(at {others:.0f}) |")
+    lengths = [v[0] for v in implied.values()]
+    lines += ["", f"Implied lengths: {min(lengths)} to {max(lengths)} tokens (median "
+              f"{statistics.median(lengths):.0f}) against the 768 planned above.", ""]
     return lines
 
 

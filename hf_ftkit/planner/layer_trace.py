@@ -8,9 +8,9 @@ gradients, optimizer states and saved activations, so for a uniform stack ``trac
 trace(1))`` is the full model's single-device allocated peak: dropout, composite activations, parallel
 attention/MLP blocks, extra norms are all in it by construction. A stack of several kinds
 (:func:`hf_ftkit.planner.structure.layer_kinds`: DeepSeek's dense first layers and MoE rest, Jamba's Mamba and
-attention layers, Gemma 3's sliding and global ones) starts from a base of the first layer of each kind and one
-more of each kind that repeats, and adds ``(count - 2) × (trace(base + one more of the kind) - trace(base))`` for
-each kind. That holds phase by phase (each forward; each backward, whole and from the bottom decoder layer on;
+attention layers, Gemma 3's sliding and global ones) starts from a base of the first layer of each kind and the
+last of each run of alike layers, and adds ``(length - 1) × (trace(base + one more of the run) - trace(base))``
+for each run. That holds phase by phase (each forward; each backward, whole and from the bottom decoder layer on;
 each optimizer step: :func:`hf_ftkit.planner.trace.trace_step`), and the peak is the highest phase so
 extrapolated: which phase peaks can change with depth (a few layers peak with the logits' gradients, a deep model
 with all its gradients made). Results are cached by config and inputs (in memory and on disk).

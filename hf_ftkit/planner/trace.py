@@ -41,8 +41,9 @@ class TraceResult:
 
     ``events`` lists every storage's allocation and release in order (``(key, bytes, is_alloc)``),
     which :func:`hf_ftkit.planner.allocator.replay` turns into a reserved peak. ``phase_peaks`` is the peak of
-    each phase in order (every micro-batch's forward and backward, every optimizer step): the same phases for any
-    number of layers, which lets :mod:`hf_ftkit.planner.layer_trace` extrapolate each on its own.
+    each phase in order (every micro-batch's forward, its backward and that backward's part from the bottom decoder
+    layer on; every optimizer step): the same phases for any number of layers, which lets
+    :mod:`hf_ftkit.planner.layer_trace` extrapolate each on its own.
     """
 
     peak_bytes: int
@@ -105,7 +106,7 @@ def _peak_only_tracker() -> Any:
 
         def bottom_reached(self) -> None:
             """The backward reached the bottom decoder layer: its part from there on is watched apart."""
-            self._upper_peak = self._phase_peak
+            self._upper_peak = max(self._upper_peak or 0, self._phase_peak)  # a layer run twice marks twice
             self._phase_peak = self._level()
 
         def end_backward(self) -> None:

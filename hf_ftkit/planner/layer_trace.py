@@ -94,17 +94,17 @@ def _traced(key: str, payload: str) -> TracedLayers | TraceFailed:
         from hf_ftkit.planner.structure import build_meta_model, config_from_dict, layer_kinds
 
         kinds = layer_kinds(build_meta_model(config_from_dict(config)))
-        base, per_kind = _trace_kinds(config, inputs, kinds)
+        base, per_run = _trace_kinds(config, inputs, kinds)
     except Exception as exc:  # an architecture the tracer cannot run: the caller warns and keeps the formulas
         if isinstance(exc, ValueError) and raised_by(exc, "peft"):
             return TraceFailed(first_line(exc, 300).rstrip("."), peft_refused=True)
         return TraceFailed(f"{type(exc).__name__} in {raised_in(exc) or '?'}: {first_line(exc, 120)}")
-    peak = _extrapolated(base, per_kind)
+    peak = _extrapolated(base, per_run)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         from hf_ftkit._files import write_text_atomic
 
-        record = {"peak_bytes": peak, "kinds": len(kinds), "one_of_each": base, "per_kind": per_kind}
+        record = {"peak_bytes": peak, "kinds": len(kinds), "base": base, "per_run": per_run}
         write_text_atomic(file, json.dumps(record) + "\n")
     except OSError:
         pass  # a read-only home: the in-memory cache still serves this process
@@ -132,23 +132,23 @@ def _trace_kinds(config: dict[str, Any], inputs: PlanInputs,
         return list(trace_step(config_from_dict(config), inputs, layers=layers).phase_peaks)
 
     firsts = tuple(group[0] for group in kinds)
-    if len(kinds) == 1:
+    if len(kinds) == 1:  # a uniform stack: its first layer, and one more
         more = kinds[0][1:]
-        return trace(firsts), [{"layers": len(more), "layer": more[0], "traced": trace((*firsts, more[0]))}] \
-            if more else []
+        per_run = [{"layers": len(more), "layer": more[0], "traced": trace((*firsts, more[0]))}] if more else []
+        return trace(firsts), per_run
     trained_from = _first_trained_layer(config, inputs, firsts)
     runs = [run for group in kinds for ahead in (True, False)
             if (run := [i for i in group[1:] if (i < trained_from) == ahead])]
     base = tuple(sorted({*firsts, *(run[-1] for run in runs)}))
-    per_kind = [{"layers": len(run) - 1, "layer": run[0], "traced": trace(tuple(sorted({*base, run[0]})))}
-                for run in runs if len(run) > 1]
-    return trace(base), per_kind
+    per_run = [{"layers": len(run) - 1, "layer": run[0], "traced": trace(tuple(sorted({*base, run[0]})))}
+               for run in runs if len(run) > 1]
+    return trace(base), per_run
 
 
-def _extrapolated(base: list[int], per_kind: list[dict[str, Any]]) -> int:
+def _extrapolated(base: list[int], per_run: list[dict[str, Any]]) -> int:
     """The highest phase of the full model: each phase's peak of the base, plus each run's further layers times
     what one more of them adds to that phase."""
-    return max(peak + sum(k["layers"] * max(0, k["traced"][phase] - peak) for k in per_kind)
+    return max(peak + sum(run["layers"] * max(0, run["traced"][phase] - peak) for run in per_run)
                for phase, peak in enumerate(base))
 
 

@@ -78,8 +78,7 @@ def build_meta_model(config: Any) -> Any:
         except (RuntimeError, TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError,
                 AssertionError) as exc:
             raise BadInputError(f"transformers cannot build {config.model_type!r} from this config "
-                                f"({first_line(exc)}); "
-                                "pass the model's own, complete config.json.") from None
+                                f"({first_line(exc)}); pass the model's own, complete config.json.") from None
 
 
 def decoder_layers(model: Any, num_layers: int) -> Any:

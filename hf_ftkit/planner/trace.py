@@ -112,9 +112,7 @@ def _peak_only_tracker() -> Any:
         def end_backward(self) -> None:
             """Close a backward: record the peak of the whole of it, then that of its part from the bottom layer on
             (the whole again for a backward that never reached the bottom layer: no gradient flows there)."""
-            whole = max(self._phase_peak, self._upper_peak or 0)
-            self.phase_peaks.append(whole)
-            self._phase_peak = whole if self._upper_peak is None else self._phase_peak
+            self.phase_peaks.append(max(self._phase_peak, self._upper_peak or 0))
             self._upper_peak = None
             self.end_phase()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from hf_ftkit.errors import BadInputError, HfFtkitWarning, first_line, raised_by
+from hf_ftkit.errors import BadInputError, HfFtkitError, HfFtkitWarning, first_line, raised_by, raised_in
 from hf_ftkit.planner import layer_trace
 from hf_ftkit.planner.budget import parse_budget
 from hf_ftkit.planner.estimate import Plan, estimate, with_extra_activations
@@ -58,14 +58,10 @@ def plan(
     for message in intent_warnings(spec, inputs):
         result.warnings.append(message)
         warnings.warn(message, HfFtkitWarning, stacklevel=2)
+    reason = _formulas_unproven(spec, inputs)
     if exact:
         result = _exact_plan(spec, result)
-    elif not layer_trace.validated(spec.model_type):
-        reason = f"{spec.model_type} is not among the architectures whose memory formulas were validated against traces"
-        result = _traced_layers(spec, inputs, result, reason)
-    elif _adapts_fused_experts(spec, inputs):
-        reason = ("PEFT's all-linear also adapts this MoE model's fused expert weights, through a merged copy of "
-                  "each layer's experts that the formulas do not model")
+    elif reason:
         result = _traced_layers(spec, inputs, result, reason)
     return result
 
@@ -73,7 +69,20 @@ def plan(
 def formulas_are_the_plan(spec: ModelSpec, inputs: PlanInputs) -> bool:
     """:func:`plan` (not exact) is :func:`estimate`'s arithmetic, with no traced layers added: then
     ``estimate(..., slack=False)`` is a lower bound of its peak."""
-    return layer_trace.validated(spec.model_type) and not _adapts_fused_experts(spec, inputs)
+    return _formulas_unproven(spec, inputs) is None
+
+
+def _formulas_unproven(spec: ModelSpec, inputs: PlanInputs) -> str | None:
+    """Why the formulas do not hold for this run, which is then planned from its traced layers; None where they do."""
+    if not layer_trace.validated(spec.model_type):
+        return f"{spec.model_type} is not among the architectures whose memory formulas were validated against traces"
+    if _adapts_fused_experts(spec, inputs):
+        return ("PEFT's all-linear also adapts this MoE model's fused expert weights, through a merged copy of each "
+                "layer's experts that the formulas do not model")
+    if inputs.activation_offloading and not inputs.gradient_checkpointing:
+        return ("activation offloading without checkpointing leaves on the device, in every layer, each tensor saved "
+                "twice in a row (TRL offloads a storage once), which the formulas do not model")
+    return None
 
 
 def _adapts_fused_experts(spec: ModelSpec, inputs: PlanInputs) -> bool:
@@ -94,7 +103,7 @@ def _traced_layers(spec: ModelSpec, inputs: PlanInputs, result: Plan, reason: st
         message = (f"{reason}, and tracing it failed here ({traced.reason}): the plan may be low; check it with "
                    "--exact.")
     else:
-        single = estimate(spec, inputs.replace(gpus=1, nodes=1, shard="none", offload="none"))
+        single = estimate(spec, layer_trace.traced_inputs(inputs))
         extra = traced.peak_bytes - single.allocated_peak_bytes  # each phase extrapolated: it holds both ways
         result = with_extra_activations(result, extra)
         layers = f"a few decoder layers of each of its {traced.kinds} kinds" if traced.kinds > 1 \
@@ -160,15 +169,30 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
     inputs = analytic.inputs
     if inputs.world_size > 1:
         raise BadInputError("--exact traces one device; drop --gpus/--nodes/--shard or use the analytic plan.")
+    traceable = layer_trace.traced_inputs(inputs)
     try:
-        traced = trace_step(config_from_dict(dict(spec.config)), inputs)
-    except ValueError as exc:
-        if not raised_by(exc, "peft"):
-            raise
+        traced = trace_step(config_from_dict(dict(spec.config)), traceable)
+    except HfFtkitError:
+        raise
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) and raised_by(exc, "peft")):
+            # a model the tracer cannot run here: one sentence, not torch's traceback
+            raise HfFtkitError(f"--exact could not trace {spec.model_id} here ({type(exc).__name__} in "
+                               f"{raised_in(exc) or '?'}: {first_line(exc, 160).rstrip('.')}); plan it without "
+                               "--exact.") from exc
         # PEFT refused to wrap the model: the run itself would fail the same way, so the plan says so, as PEFT does
         hint = " (an MoE model's all-linear includes its experts' fused parameters)" if spec.is_moe else ""
         raise BadInputError(f"PEFT refuses this adapter configuration{hint} ({first_line(exc, 300).rstrip('.')}); "
                             "change the LoRA settings it names, as the run would fail the same way.") from exc
+    untraced = 0
+    left_out = [name for name, on in (("Liger's Triton kernels (they need a GPU)", inputs.use_liger_kernel),
+                                      (f"--offload {inputs.offload} (host memory)", inputs.offload != "none")) if on]
+    if left_out:  # what they change is the formulas' figure
+        untraced = analytic.allocated_peak_bytes - estimate(spec, traceable).allocated_peak_bytes
+        message = (f"The step was traced without {' and without '.join(left_out)}; what that changes is the "
+                   f"formulas' figure ({untraced / 2**20:+,.0f} MiB).")
+        analytic.warnings.append(message)
+        warnings.warn(message, HfFtkitWarning, stacklevel=3)
     constants = load("constants")
     replayed = replay(traced.events)  # the traced step's own allocations through the allocator model
     cats = traced.by_category
@@ -176,14 +200,15 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
         "weights": cats.get("PARAM", 0) + cats.get("BUFFER", 0),
         "gradients": cats.get("GRAD", 0),
         "optimizer_states": cats.get("OPT", 0),
-        "activations": cats.get("ACT", 0),
+        "activations": cats.get("ACT", 0) + untraced,
         "transient": cats.get("TEMP", 0) + cats.get("OTH", 0),
         "fragmentation": replayed.peak_reserved - replayed.peak_requested,
         "comm_buffers": 0,  # one device: no communicator
         "cuda_context": int(constants["cuda_context_bytes"]),
     }
     return Plan(
-        model=spec, inputs=inputs, peak_bytes=sum(breakdown.values()), allocated_peak_bytes=traced.peak_bytes,
-        breakdown=breakdown, peak_phase="traced", trainable_params=analytic.trainable_params,
-        budget_bytes=analytic.budget_bytes, budget_label=analytic.budget_label, warnings=analytic.warnings,
+        model=spec, inputs=inputs, peak_bytes=sum(breakdown.values()),
+        allocated_peak_bytes=traced.peak_bytes + untraced, breakdown=breakdown, peak_phase="traced",
+        trainable_params=analytic.trainable_params, budget_bytes=analytic.budget_bytes,
+        budget_label=analytic.budget_label, warnings=analytic.warnings,
     )

@@ -32,13 +32,14 @@ from hf_ftkit.errors import first_line, raised_by, raised_in
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
-CACHE_VERSION = 11  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
+CACHE_VERSION = 12  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
 # 4: the fp32 upcast of a 4-bit base reaches its modules_to_save copies; 5: adapters at precision bf16 run without
 # autocast, and adapter_dtype; 6: the tracer runs without ModTracker's module hooks, whose reference cycles kept
 # module temporaries alive; 7: a padded batch is traced with its padding mask; 8: a 4-bit base at precision bf16
 # runs without autocast (with kbit_upcast, in fp32); 9: one more layer of each kind of decoder layer is traced,
 # not the first two layers alone; 10: that one more layer runs after the first of each kind; 11: extrapolated
-# phase by phase, and a stack of several kinds from a base holding one more layer of each
+# phase by phase, and a stack of several kinds from a base holding one more layer of each; 12: activation
+# offloading traced as TRL runs it, Liger kernels left out of the trace
 
 
 def validated(model_type: str) -> bool:
@@ -50,14 +51,16 @@ def _cache_file(key: str) -> Path:
     return root / "layer_traces" / f"{key}.json"
 
 
-def _single_device(inputs: PlanInputs) -> PlanInputs:
-    return inputs.replace(gpus=1, nodes=1, shard="none", offload="none")
+def traced_inputs(inputs: PlanInputs) -> PlanInputs:
+    """What a trace of ``inputs`` runs: one device, and no Liger kernels (Triton kernels, which need a GPU); the
+    plan adds the formulas' figure for what Liger saves."""
+    return inputs.replace(gpus=1, nodes=1, shard="none", offload="none", use_liger_kernel=False)
 
 
 def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> TracedLayers | TraceFailed:
     """The single-device allocated peak extrapolated from traces of the model's first decoder layer and one more
     of each kind, or why torch/transformers (or PEFT, refusing the adapter) cannot trace this model here."""
-    single = _single_device(inputs)
+    single = traced_inputs(inputs)
     payload = json.dumps({"v": CACHE_VERSION, "config": spec.config, "inputs": single.to_dict()}, sort_keys=True,
                          default=str)
     return _traced(hashlib.sha256(payload.encode()).hexdigest()[:24], payload)

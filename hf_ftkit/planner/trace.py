@@ -222,6 +222,12 @@ def _quantize_linears(model: Any, inputs: PlanInputs) -> None:
             linear = type(child) is torch.nn.Linear or isinstance(child, Conv1D)
             if linear and id(child) not in heads and not _is_adapter(name):
                 setattr(parent, name, fake_cls(child, inputs, block))
+                if name == "base_layer":
+                    # a run quantizes before PEFT wraps: PEFT then finds a Linear4bit where GPT-2 has a Conv1D,
+                    # so the adapter (and DoRA's weight norm) reads the weight as (out, in)
+                    for module in parent.modules():
+                        if getattr(module, "fan_in_fan_out", False):
+                            module.fan_in_fan_out = False
 
 
 def _is_adapter(name: str) -> bool:
@@ -398,6 +404,106 @@ def _marking_bottom_layer(model: Any, layers: tuple[int, ...] | None, tracker: A
         handle.remove()
 
 
+class _OffloadedActivations:
+    """Activation offloading as TRL's ``activation_offloading`` runs it (``get_act_offloading_ctx_manager``: its
+    ``OffloadActivations`` with streams, around the whole training step), for the tracer.
+
+    Every tensor the step saves for the backward, of 1 KiB or more and not (a view of) a parameter, goes to host
+    memory, except what the LM head saves (TRL does not see it). The tensors of the last five saves stay on the
+    device while their copy runs (TRL's forward stash). A storage saved again while TRL still tracks it stays on the
+    device (TRL does not offload it twice), and is then tracked until the backward: every later save of it stays
+    too (the RMSNorm's fp32 input, saved twice in a row; RoPE's cos and sin, saved in every layer). The backward
+    brings each offloaded tensor back when a node needs it: a fresh device tensor, freed once the next node that
+    brings tensors back has run (TRL's backward stash); the forward stash goes then too. Host memory is not device
+    memory, so an offloaded tensor is simply let go here. With checkpointing, what the forward saves is each layer's
+    input (the recomputation's saves are the checkpoint's own): transformers' ``offload`` of the checkpointed
+    inputs frees the same, without the stash. ``tests/planner/test_trace.py`` holds these decisions to TRL's own
+    class run on real tensors."""
+
+    MIN_BYTES = 1024  # TRL's min_offload_size
+    STASH = 5  # TRL's max_fwd_stash_size
+
+    def __init__(self, model: Any) -> None:
+        import torch
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._storage = StorageWeakRef
+        self._params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}  # and their views
+        self._in_head = False
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(lambda *args: setattr(self, "_in_head", True))
+            head.register_forward_hook(lambda *args: setattr(self, "_in_head", False), always_call=True)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._saves = 0
+        self._stash: dict[int, Any] = {}  # save number -> the device tensor, while its copy runs
+        self._tracked: dict[Any, int] = {}  # storage key -> the last save of it TRL tracks
+        self._key_of: dict[int, Any] = {}
+        self._node: Any = None
+        self._nodes = 0
+        self._restored: list[list[Any]] = [[], []]  # brought back for the current node and the one before
+
+    def _release(self, number: int) -> None:
+        key = self._key_of.pop(number, None)
+        if key is not None and self._tracked.get(key) == number:
+            del self._tracked[key]
+
+    def _pack(self, tensor: Any) -> Any:
+        import torch
+
+        if self._in_head:
+            return (None, tensor)
+        self._saves += 1
+        number = self._saves
+        key = (self._storage(tensor.untyped_storage()), tensor.storage_offset(), tensor.dtype)  # TRL's storage key
+        if key in self._tracked:  # saved again: stays on the device, tracked from this save on
+            self._tracked[key], self._key_of[number] = number, key
+            return (number, tensor)
+        if tensor.nbytes < self.MIN_BYTES or isinstance(tensor, torch.nn.Parameter) or key[0] in self._params:
+            return (None, tensor)
+        for old in [n for n in self._stash if n <= number - self.STASH]:
+            del self._stash[old]
+            self._release(old)
+        self._stash[number] = tensor
+        self._tracked[key], self._key_of[number] = number, key
+        return (number, (tensor.shape, tensor.stride(), tensor.dtype, tensor.device))
+
+    def _unpack(self, packed: Any) -> Any:
+        import torch
+
+        number, kept = packed
+        if number is not None:
+            self._release(number)
+        if number is None or isinstance(kept, torch.Tensor):
+            return kept
+        node = torch._C._current_autograd_node()
+        if node is not self._node:
+            self._node, self._nodes = node, self._nodes + 1
+            self._restored = [[], self._restored[0]]
+            if self._nodes > 1:
+                for old in list(self._stash):
+                    del self._stash[old]
+                    self._release(old)
+        if number in self._stash:
+            return self._stash[number]
+        shape, stride, dtype, device = kept
+        restored = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        self._restored[0].append(restored)
+        return restored
+
+    def __enter__(self) -> _OffloadedActivations:
+        self._reset()  # TRL starts each training step afresh
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        self._hooks.__exit__(*args)
+        self._reset()  # TRL waits for and drops what it still holds
+
+
 def padding_mask(ids: Any, padded: bool) -> Any:
     """The attention mask of a batch of ``ids`` the plan holds as padded: one padded position, so transformers
     builds the mask a padded batch gets (None for an unpadded batch). The tracer and the sharded benchmarks share it.
@@ -445,6 +551,7 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
         # the parameters and buffers, with the gradient hooks the module hooks would install (gradients count as
         # GRAD, not as backward temporaries)
         tracker._track_module_params_and_buffers(model, install_grad_hooks=True)
+        offload = _OffloadedActivations(model) if inputs.activation_offloading else nullcontext()
         with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only(), _marking_bottom_layer(model, layers, tracker):
             # Collect the young generations first, so that whatever reference cycles remain are collected at the
             # same points of every trace, from wherever the collector's counters stood.
@@ -455,12 +562,13 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
                 for _micro in range(inputs.gradient_accumulation_steps):  # earlier micro-batches' grads stay
                     ids = torch.zeros((inputs.batch_size, seq), dtype=torch.long)
                     mask = padding_mask(ids, padded_batch(inputs))
-                    with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
-                        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-                    tracker.end_phase()
-                    tracker._mod_tracker.is_bw = True
-                    loss.backward()
-                    tracker._mod_tracker.is_bw = False
+                    with offload:  # TRL's offloading context spans the forward and the backward
+                        with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
+                            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+                        tracker.end_phase()
+                        tracker._mod_tracker.is_bw = True
+                        loss.backward()
+                        tracker._mod_tracker.is_bw = False
                     tracker.end_backward()
                     tracker.reset_mod_stats()  # per-module stats only; the device peak is kept
                 optimizer.step()

@@ -107,6 +107,21 @@ def test_exact_traces_a_local_config(capsys, tmp_path, tiny_llama_config):
     assert code == 2 and "--exact traces one device" in err
 
 
+def test_a_model_the_tracer_cannot_run_is_one_sentence_under_exact(capsys, tmp_path, tiny_llama_config,
+                                                                  monkeypatch):
+    import hf_ftkit.planner.trace as trace
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Attempting to broadcast a dimension of length 768 at -1!\nmore torch detail")
+
+    monkeypatch.setattr(trace, "trace_step", fails)
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config))
+    code, out, err = run(capsys, "plan", str(tmp_path), "--exact")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--exact could not trace" in err and "RuntimeError" in err and "plan it without --exact" in err
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

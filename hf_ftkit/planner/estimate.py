@@ -231,14 +231,17 @@ def accumulated_gradients(full: float, per_device: float, inputs: PlanInputs) ->
 
 
 def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
-    """The embedding backward builds a dense vocabulary x hidden gradient before accumulating it."""
+    """A tied embedding's gradient is made twice: the LM head's part (the first the backward makes) waits in
+    autograd's input buffer until the embedding backward builds its dense vocabulary x hidden part, and the two
+    are summed out of place before the sum becomes ``.grad``: three gradient-sized tensors at once, two beyond the
+    ``.grad`` the plan counts (seen op by op on real tensors: ``mm``, ``embedding_dense_backward``, ``add``)."""
     if not spec.tie_embeddings:
         return 0.0  # the fresh gradient simply becomes .grad; only a tied weight accumulates into lm_head's
     if inputs.is_peft:
         # PEFT's modules_to_save copies of tied embeddings are separate parameters (a deep copy each): the
         # trainable embedding's gradient becomes its .grad directly, and the frozen originals get none
         return 0.0
-    return (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
+    return 2 * (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
 
 
 _PHASE_NAMES = {"backward_late": "backward", "backward_head": "backward", "forward_layer": "forward"}

@@ -75,7 +75,11 @@ def _optimizer_bytes(
         # Adafactor keeps a row and a column second moment per matrix: ~ (rows + cols) fp32.
         h = spec.hidden_size
         states = 4.0 * params * 2 / max(h, 1)
-        return states, 3 * 4.0 * largest
+        # transformers' Adafactor steps one parameter at a time: two fp32 tensors of its size at once (grad ** 2
+        # and + eps; the factored estimate and the update it replaces; -update), and for a 16-bit parameter fp32
+        # copies of it and of its gradient besides (traced: 2.0x and 4.0x the largest matrix in fp32)
+        copies = 2 if param_bytes < 4.0 * params else 0
+        return states, (2 + copies) * 4.0 * largest
     if kind == "int8":
         states = info["states"] * (1 + 4 / table["block_size_8bit"]) * params
     elif kind == "fp32":

@@ -1,0 +1,95 @@
+"""Compare `hf-ftkit plan` with `--exact` over seeded random combinations of its options, and report the outliers.
+
+A consistency check, not a benchmark: the plan (formulas, or traced layers outside the validated list) against a
+full trace of the same step, for combinations no fixed grid holds (method, precision, optimizer, batch and length,
+accumulation, checkpointing, attention, packing, offloading, LoRA rank, targets, dropout, adapter dtype,
+modules_to_save, 4-bit type, double quantization, fp32 upcast). Both sides run this project's tracer, so it finds
+where the formulas or the layer extrapolation miss what the tracer sees, and where the tracer fails; the
+independent references are the published GPU set and DeepSpeed's estimators (`benchmarks/planner_accuracy.py`).
+
+    python scripts/fuzz_plan_options.py             # seed 1, 40 draws, ~10 min on 2 cores
+    python scripts/fuzz_plan_options.py 2 50        # seed 2, 50 draws
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+MODELS = ("HuggingFaceTB/SmolLM2-360M", "Qwen/Qwen2.5-0.5B", "google/gemma-3-1b-pt", "openai-community/gpt2")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor", "sgd",
+              "paged_adamw_32bit", "lion_8bit", "rmsprop")
+FLAG_PCT = 4.0
+
+
+def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
+    model = rng.choice(MODELS)
+    method = rng.choice(["full", "lora", "dora", "qlora", "qdora"])
+    options: dict[str, Any] = dict(
+        method=method, batch_size=rng.choice([1, 2, 4]), seq_len=rng.choice([128, 256, 512]),
+        gradient_accumulation_steps=rng.choice([1, 1, 2]), gradient_checkpointing=rng.random() < 0.5,
+        optim=rng.choice(OPTIMIZERS), attn_implementation=rng.choice(["sdpa", "sdpa", "eager"]),
+        packing=rng.random() < 0.2, activation_offloading=rng.random() < 0.2)
+    if method == "full":
+        options["precision"] = rng.choice(["fp32", "bf16", "bf16-mixed", "bf16-mixed"])
+        return model, options
+    targets = rng.choice(["all-linear", "all-linear", "q_proj,v_proj"])
+    options.update(
+        precision=rng.choice(["bf16", "bf16-mixed", "bf16-mixed", "fp16-mixed"]), lora_r=rng.choice([8, 16, 64]),
+        lora_targets="c_attn" if model.endswith("gpt2") and targets != "all-linear" else targets,
+        lora_dropout=rng.choice([0.0, 0.05]), adapter_dtype=rng.choice(["fp32", "fp32", "bf16"]),
+        modules_to_save=rng.choice([(), (), ("lm_head",)]))
+    if method.startswith("q"):
+        options.update(quant_type=rng.choice(["nf4", "fp4"]), double_quant=rng.random() < 0.7,
+                       kbit_upcast=rng.random() < 0.2)
+    return model, options
+
+
+def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float | None, str, float]:
+    """(model, options, plan's error against --exact in %, or None with the error, seconds)."""
+    warnings.simplefilter("ignore")
+    from hf_ftkit.planner.api import plan
+    from hf_ftkit.planner.inputs import PlanInputs
+
+    model, options = job
+    start = time.perf_counter()
+    try:
+        inputs = PlanInputs(**options)
+        planned = plan(model, inputs).allocated_peak_bytes
+        exact = plan(model, inputs, exact=True).allocated_peak_bytes
+    except Exception as exc:  # the outcome to report: a defect, or a refusal the user would see
+        return model, options, None, f"{type(exc).__name__}: {str(exc)[:200]}", time.perf_counter() - start
+    return model, options, 100.0 * (planned - exact) / exact, "", time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    seed = int(argv[0]) if argv else 1
+    count = int(argv[1]) if len(argv) > 1 else 40
+    rng = random.Random(seed)
+    jobs = [draw(rng) for _ in range(count)]
+    errors: list[float] = []
+    failures = 0
+    print(f"seed {seed}, {count} draws: plan against --exact (allocated peak)")
+    with ProcessPoolExecutor(2) as pool:
+        for model, options, pct, failure, seconds in pool.map(compare, jobs):
+            name = model.rsplit("/", 1)[-1]
+            if pct is None:
+                failures += 1
+                print(f"FAILED  {name:16s} {json.dumps(options)}  {failure}")
+                continue
+            errors.append(pct)
+            mark = "!" if abs(pct) > FLAG_PCT else " "
+            print(f"{mark} {pct:+6.1f}% {name:16s} {json.dumps(options)}  {seconds:.0f} s", flush=True)
+    worst = max(errors, key=abs, default=0.0)
+    over = sum(abs(e) > FLAG_PCT for e in errors)
+    print(f"{len(errors)} compared: worst {worst:+.1f}%, {over} beyond ±{FLAG_PCT:.0f}%; {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -417,8 +417,8 @@ class _OffloadedActivations:
     brings tensors back has run (TRL's backward stash); the forward stash goes then too. Host memory is not device
     memory, so an offloaded tensor is simply let go here. With checkpointing, what the forward saves is each layer's
     input (the recomputation's saves are the checkpoint's own): transformers' ``offload`` of the checkpointed
-    inputs frees the same, without the stash. ``tests/planner/test_trace.py`` holds these decisions to TRL's own
-    class run on real tensors."""
+    inputs frees the same, without the stash. ``tests/planner/test_offloading.py`` holds these decisions to TRL's
+    own class run on real tensors."""
 
     MIN_BYTES = 1024  # TRL's min_offload_size
     STASH = 5  # TRL's max_fwd_stash_size

@@ -159,6 +159,9 @@ class _Step:
                 self.free_all(saved[-3])  # copied to host memory; brought back in the backward
             self.free_all(unit)
         self.loss(tokens)
+        # a tied embedding's gradient: the LM head's part waits in autograd's input buffer through the backward
+        tied = spec.tie_embeddings and not inputs.is_peft and bool(self.extra)
+        head_part = [self.alloc(self.extra[0] * self.grad_bytes / self.shards)] if tied else []
         grad_h = [self.alloc(hidden)]
         for index in reversed(range(spec.num_layers)):
             unit = [self.alloc(gathered_bytes)] if gathered_bytes else []
@@ -184,6 +187,10 @@ class _Step:
             self.free_all(unit)
         self.free_all(grad_h)
         head = [self.alloc(p * self.grad_bytes / self.shards) for p in self.extra]
+        if head_part:  # the embedding's own part was made first (head[0]); their sum out of place becomes .grad
+            head.insert(0, self.alloc(self.extra[0] * self.grad_bytes / self.shards))
+            self.free(head.pop(1))
+            self.free_all(head_part)
         if first:
             self.grads.extend(head)
         else:

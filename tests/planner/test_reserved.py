@@ -26,6 +26,16 @@ def test_the_replayed_tensors_request_what_the_plan_allocates(changes):
     assert planned.breakdown["fragmentation"] == replayed.peak_reserved - replayed.peak_requested > 0
 
 
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch_fused"])
+def test_the_replay_sums_a_tied_embeddings_gradient_as_the_plan_does(optim):
+    # at 2 x 128 tokens the step peaks where the LM head's part of the tied gradient, the embedding's and their sum
+    # are alive at once; the replayed steps made the gradient once and requested one vocabulary-sized tensor less
+    spec = resolve_model("Qwen/Qwen2.5-0.5B")
+    inputs = PlanInputs(method="full", precision="fp32", optim=optim, batch_size=2, seq_len=128)
+    replayed = _Step(spec, inputs).run()
+    assert replayed.peak_requested == pytest.approx(estimate(spec, inputs).allocated_peak_bytes, rel=0.02)
+
+
 def test_json_reports_reserved_and_the_verdict_counts_it_with_the_context():
     spec = resolve_model("meta-llama/Llama-3.1-8B")
     base = estimate(spec, PlanInputs(method="qlora", gradient_checkpointing=True))

@@ -186,9 +186,17 @@ def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 
 
 def _dora_copies_weight(inputs: PlanInputs) -> bool:
-    """DoRA reads its base weight through a fresh copy in the adapter's fp32 (PEFT's ``weight.to(x.dtype)``): none
-    is made only where the base is already an unquantized fp32 weight."""
-    return inputs.quantized_base or inputs.weight_dtype != "fp32"
+    """DoRA reads its base weight through a fresh copy in the adapter's dtype (PEFT's ``weight.to(x.dtype)``, where
+    ``x`` was cast to the adapter's dtype): none is made only where the base is an unquantized weight already in it."""
+    return inputs.quantized_base or inputs.weight_dtype != inputs.adapter_dtype
+
+
+def _dora_keeps_weight(inputs: PlanInputs) -> bool:
+    """With ``lora_dropout`` > 0 DoRA computes the base output itself (``F.linear(x, weight)``), which keeps a
+    weight-sized tensor that is not the parameter: the fresh copy, or autocast's cast of the weight to the compute
+    dtype. A 16-bit weight read by adapters of its own dtype in that same dtype keeps the parameter itself."""
+    cast = inputs.autocast and inputs.adapter_dtype != inputs.compute_dtype_name
+    return inputs.dora and inputs.lora_dropout > 0 and (cast or _dora_copies_weight(inputs))
 
 
 def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
@@ -196,10 +204,10 @@ def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 
     Under autocast every adapter weight not in the compute dtype (PEFT's fp32) is used through a cached
     low-precision copy that the backward keeps. DoRA with ``lora_dropout`` > 0 computes the base output itself,
-    from its fp32 copy of the weight, and ``F.linear`` keeps the weight it multiplied by (the autocast cast, or
-    the fp32 copy itself without autocast) for its input's gradient: one weight-sized tensor per target. Without
-    dropout PEFT reuses the base layer's output and keeps nothing weight-sized (both measured on real tensors:
-    docs/planner.md).
+    from its copy of the weight in the adapter dtype, and ``F.linear`` keeps the weight it multiplied by (the
+    autocast cast, or the copy itself without autocast) for its input's gradient: one weight-sized tensor per
+    target, unless that is the 16-bit parameter itself (``_dora_keeps_weight``). Without dropout PEFT reuses the
+    base layer's output and keeps nothing weight-sized (both measured on real tensors: docs/planner.md).
     """
     targets = lora_targets(spec, inputs)
     if not targets:
@@ -208,7 +216,7 @@ def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     total = 0.0
     if inputs.autocast and inputs.adapter_dtype != inputs.compute_dtype_name:
         total += sum(2 * inputs.lora_r * (g.in_features + g.out_features) * g.count for g in targets)
-    if inputs.dora and inputs.lora_dropout > 0 and (b != 4 or _dora_copies_weight(inputs)):
+    if _dora_keeps_weight(inputs):
         total += sum(b * g.in_features * g.out_features * g.count for g in targets)
     return total / spec.num_layers
 
@@ -219,13 +227,14 @@ def dora_transient_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 
     PEFT's ``DoraLinearLayer`` builds ``lora_B @ lora_A`` by passing an in x in identity through both (lora_A's
     graph keeps the identity's low-precision cast until the forward returns), casts that product to the input's
-    fp32, copies the base weight to fp32, and adds the scaled product to it before taking the row norms:
-    about 2 in² + 18 in·out bytes at once under bf16 autocast, on the widest target. Before that, the fp32
-    identity and its cast are alive together with the product.
+    dtype (the adapter's), copies the base weight to it (unless it is already a weight of that dtype), and adds
+    the scaled product to it before taking the row norms: about 2 in² + 18 in·out bytes at once for fp32 adapters
+    under bf16 autocast, on the widest target. Before that, the identity and its cast are alive together with the
+    product.
     """
     if not inputs.dora:
         return 0.0
-    c, a = adapter_bytes(inputs), 4  # PEFT keeps adapters, and casts their input, in fp32
+    c, a = adapter_bytes(inputs), inputs.adapter_param_bytes  # PEFT casts each target's input to the adapter dtype
     base = a if _dora_copies_weight(inputs) else 0
     peak = 0.0
     for g in lora_targets(spec, inputs):

@@ -185,8 +185,7 @@ def _exact_plan(spec: ModelSpec, analytic: Plan) -> Plan:
         raise BadInputError(f"PEFT refuses this adapter configuration{hint} ({first_line(exc, 300).rstrip('.')}); "
                             "change the LoRA settings it names, as the run would fail the same way.") from exc
     untraced = 0
-    left_out = [name for name, on in (("Liger's Triton kernels (they need a GPU)", inputs.use_liger_kernel),
-                                      (f"--offload {inputs.offload} (host memory)", inputs.offload != "none")) if on]
+    left_out = layer_trace.untraced_options(inputs)
     if left_out:  # what they change is the formulas' figure
         untraced = analytic.allocated_peak_bytes - estimate(spec, traceable).allocated_peak_bytes
         message = (f"The step was traced without {' and without '.join(left_out)}; what that changes is the "

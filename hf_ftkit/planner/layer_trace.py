@@ -57,6 +57,12 @@ def traced_inputs(inputs: PlanInputs) -> PlanInputs:
     return inputs.replace(gpus=1, nodes=1, shard="none", offload="none", use_liger_kernel=False)
 
 
+def untraced_options(inputs: PlanInputs) -> list[str]:
+    """What ``traced_inputs`` leaves out of a single-device run's trace, named for the plan's warning."""
+    return [name for name, on in (("Liger's Triton kernels (they need a GPU)", inputs.use_liger_kernel),
+                                  (f"--offload {inputs.offload} (host memory)", inputs.offload != "none")) if on]
+
+
 def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> TracedLayers | TraceFailed:
     """The single-device allocated peak extrapolated from traces of the model's first decoder layer and one more
     of each kind, or why torch/transformers (or PEFT, refusing the adapter) cannot trace this model here."""

@@ -188,8 +188,9 @@ class _Step:
         self.free_all(grad_h)
         head = [self.alloc(p * self.grad_bytes / self.shards) for p in self.extra]
         if head_part:  # the embedding's own part was made first (head[0]); their sum out of place becomes .grad
-            head.insert(0, self.alloc(self.extra[0] * self.grad_bytes / self.shards))
-            self.free(head.pop(1))
+            total = self.alloc(self.extra[0] * self.grad_bytes / self.shards)
+            self.free(head[0])
+            head[0] = total
             self.free_all(head_part)
         if first:
             self.grads.extend(head)

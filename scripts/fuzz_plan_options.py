@@ -9,6 +9,7 @@ independent references are the published GPU set and DeepSpeed's estimators (`be
 
     python scripts/fuzz_plan_options.py             # seed 1, 40 draws, ~10 min on 2 cores
     python scripts/fuzz_plan_options.py 2 50        # seed 2, 50 draws
+    python scripts/fuzz_plan_options.py 5 30 microsoft/phi-2,allenai/OLMo-1B-hf   # other models (catalog ids)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 MODELS = ("HuggingFaceTB/SmolLM2-360M", "Qwen/Qwen2.5-0.5B", "google/gemma-3-1b-pt", "openai-community/gpt2")
@@ -27,8 +29,8 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw
 FLAG_PCT = 4.0
 
 
-def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
-    model = rng.choice(MODELS)
+def draw(rng: random.Random, models: tuple[str, ...] = MODELS) -> tuple[str, dict[str, Any]]:
+    model = rng.choice(models)
     method = rng.choice(["full", "lora", "dora", "qlora", "qdora"])
     options: dict[str, Any] = dict(
         method=method, batch_size=rng.choice([1, 2, 4]), seq_len=rng.choice([128, 256, 512]),
@@ -41,13 +43,33 @@ def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
     targets = rng.choice(["all-linear", "all-linear", "q_proj,v_proj"])
     options.update(
         precision=rng.choice(["bf16", "bf16-mixed", "bf16-mixed", "fp16-mixed"]), lora_r=rng.choice([8, 16, 64]),
-        lora_targets="c_attn" if model.endswith("gpt2") and targets != "all-linear" else targets,
+        lora_targets=targets if targets == "all-linear" else ",".join(_attention_pair(model)),
         lora_dropout=rng.choice([0.0, 0.05]), adapter_dtype=rng.choice(["fp32", "fp32", "bf16"]),
         modules_to_save=rng.choice([(), (), ("lm_head",)]))
     if method.startswith("q"):
         options.update(quant_type=rng.choice(["nf4", "fp4"]), double_quant=rng.random() < 0.7,
                        kbit_upcast=rng.random() < 0.2)
     return model, options
+
+
+def _spec(model: str) -> Any:
+    """The model's spec: the catalog's, or the hub config copied into benchmarks/architectures.py."""
+    from hf_ftkit.planner.resolve import resolve_model
+    from hf_ftkit.planner.structure import spec_from_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from architectures import CONFIGS
+
+    return spec_from_config(dict(CONFIGS[model]), model) if model in CONFIGS else resolve_model(model)
+
+
+def _attention_pair(model: str) -> tuple[str, ...]:
+    """The model's usual two-target LoRA: q_proj and v_proj, or its fused attention input where it has no q_proj."""
+    names = {g.name for g in _spec(model).linears}
+    if {"q_proj", "v_proj"} <= names:
+        return "q_proj", "v_proj"
+    return tuple(sorted(n for n in names if "qkv" in n or n in {"c_attn", "query_key_value", "Wqkv"}))[:1] or (
+        sorted(names)[0],)
 
 
 def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float | None, str, float]:
@@ -60,8 +82,9 @@ def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float
     start = time.perf_counter()
     try:
         inputs = PlanInputs(**options)
-        planned = plan(model, inputs).allocated_peak_bytes
-        exact = plan(model, inputs, exact=True).allocated_peak_bytes
+        spec = _spec(model)
+        planned = plan(spec, inputs).allocated_peak_bytes
+        exact = plan(spec, inputs, exact=True).allocated_peak_bytes
     except Exception as exc:  # the outcome to report: a defect, or a refusal the user would see
         return model, options, None, f"{type(exc).__name__}: {str(exc)[:200]}", time.perf_counter() - start
     return model, options, 100.0 * (planned - exact) / exact, "", time.perf_counter() - start
@@ -70,8 +93,9 @@ def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float
 def main(argv: list[str]) -> int:
     seed = int(argv[0]) if argv else 1
     count = int(argv[1]) if len(argv) > 1 else 40
+    models = tuple(argv[2].split(",")) if len(argv) > 2 else MODELS
     rng = random.Random(seed)
-    jobs = [draw(rng) for _ in range(count)]
+    jobs = [draw(rng, models) for _ in range(count)]
     errors: list[float] = []
     failures = 0
     print(f"seed {seed}, {count} draws: plan against --exact (allocated peak)")

@@ -195,7 +195,9 @@ def _make_4bit_class() -> Any:
                     absmax=self.absmax, shape=torch.Size(self._shape), code=code, blocksize=self._block,
                     quant_type=self._quant_type, dtype=self._compute,
                 )
-            weight = self.weight.view(torch.uint8) if self.weight.dtype != torch.uint8 else self.weight
+            # a wider quant_storage (bf16 for FSDP) holds the same bytes: read them as the packed (n, 1) uint8 column
+            # bitsandbytes' matmul expects (viewing (n/2, 1) bf16 as uint8 gives (n/2, 2), which it cannot flatten)
+            weight = self.weight.view(torch.uint8).view(-1, 1)
             # like bnb.nn.Linear4bit: compute in the compute dtype, return in the input's dtype (fp32 after
             # prepare_model_for_kbit_training's upcast)
             bias = None if self.bias is None else self.bias.to(self._compute)  # bnb casts an upcast bias back

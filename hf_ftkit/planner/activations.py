@@ -199,6 +199,16 @@ def _dora_keeps_weight(inputs: PlanInputs) -> bool:
     return inputs.dora and inputs.lora_dropout > 0 and (cast or _dora_copies_weight(inputs))
 
 
+def adapter_cast_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """Autocast's low-precision copies of every adapter weight not in the compute dtype (PEFT's fp32 A and B), in
+    all layers: autocast casts each once per forward and holds the copy in its cache until the forward returns (the
+    loss included), with or without checkpointing; without it the backward keeps them as well."""
+    if not (inputs.autocast and inputs.adapter_dtype != inputs.compute_dtype_name):
+        return 0.0
+    return float(sum(compute_bytes(inputs) * inputs.lora_r * (g.in_features + g.out_features) * g.count
+                     for g in lora_targets(spec, inputs)))
+
+
 def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """Token-independent activations per layer.
 
@@ -213,9 +223,7 @@ def layer_constant_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     if not targets:
         return 0.0
     b = adapter_bytes(inputs)
-    total = 0.0
-    if inputs.autocast and inputs.adapter_dtype != inputs.compute_dtype_name:
-        total += sum(2 * inputs.lora_r * (g.in_features + g.out_features) * g.count for g in targets)
+    total = adapter_cast_bytes(spec, inputs)
     if _dora_keeps_weight(inputs):
         total += sum(b * g.in_features * g.out_features * g.count for g in targets)
     return total / spec.num_layers

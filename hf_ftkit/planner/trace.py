@@ -270,9 +270,11 @@ def build_traced_model(config: Any, inputs: PlanInputs, layers: tuple[int, ...] 
             _quantize_linears(model, inputs)
             if inputs.kbit_upcast:
                 # prepare_model_for_kbit_training runs before get_peft_model: every unquantized weight is fp32,
-                # the modules_to_save copies PEFT then makes of them included
+                # the modules_to_save copies PEFT then makes of them included; it leaves Params4bit alone (the packed
+                # weights, which a bf16 quant_storage makes bf16 tensors)
+                packed = {id(m.weight) for m in model.modules() if type(m).__name__ == "Fake4bitLinear"}
                 for param in model.parameters():
-                    if param.dtype in (torch.bfloat16, torch.float16):
+                    if param.dtype in (torch.bfloat16, torch.float16) and id(param) not in packed:
                         param.data = param.data.float()
         if inputs.adapter_dtype != "fp32":
             # autocast_adapter_dtype=False, or TRL's cast of a 4-bit base's adapters (DoRA's magnitudes stay fp32)

@@ -9,7 +9,8 @@ independent references are the published GPU set and DeepSpeed's estimators (`be
 
     python scripts/fuzz_plan_options.py             # seed 1, 40 draws, ~10 min on 2 cores
     python scripts/fuzz_plan_options.py 2 50        # seed 2, 50 draws
-    python scripts/fuzz_plan_options.py 5 30 microsoft/phi-2,allenai/OLMo-1B-hf   # other models (catalog ids)
+    python scripts/fuzz_plan_options.py 5 30 microsoft/phi-2,allenai/OLMo-1B-hf   # other models
+    python scripts/fuzz_plan_options.py 11 30 --wide  # also long sequences, flash, high ranks, 4-bit dtypes
 """
 
 from __future__ import annotations
@@ -74,6 +75,28 @@ def _attention_pair(model: str) -> tuple[str, ...]:
         sorted(names)[0],)
 
 
+def draw_wide(rng: random.Random, models: tuple[str, ...] = MODELS) -> tuple[str, dict[str, Any]]:
+    """``draw`` and then the options it leaves at their defaults: lengths up to 2,048, flash attention and
+    padding-free batches, ranks up to 256 and MLP- or attention-only targets, the 4-bit compute dtype and storage."""
+    model, options = draw(rng, models)
+    options["seq_len"] = rng.choice([128, 512, 1024, 2048])
+    if options["seq_len"] >= 1024:
+        options["batch_size"] = 1
+    if rng.random() < 0.3:
+        options["attn_implementation"] = "flash_attention_2"
+    if rng.random() < 0.2 and not options["packing"]:
+        options["padding_free"] = True
+    if options["method"] != "full":
+        options["lora_r"] = rng.choice([8, 16, 64, 128, 256])
+        if rng.random() < 0.2 and "q_proj" in options["lora_targets"]:
+            options["lora_targets"] = rng.choice(["gate_proj,up_proj,down_proj", "q_proj,k_proj,v_proj,o_proj",
+                                                  "down_proj"])
+    if options["method"].startswith("q"):
+        options.update(compute_dtype=rng.choice(["bf16", "bf16", "fp16", "fp32"]),
+                       quant_storage=rng.choice(["uint8", "uint8", "bf16"]))
+    return model, options
+
+
 def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float | None, str, float]:
     """(model, options, plan's error against --exact in %, or None with the error, seconds)."""
     warnings.simplefilter("ignore")
@@ -93,14 +116,16 @@ def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float
 
 
 def main(argv: list[str]) -> int:
+    wide = "--wide" in argv
+    argv = [a for a in argv if a != "--wide"]
     seed = int(argv[0]) if argv else 1
     count = int(argv[1]) if len(argv) > 1 else 40
     models = tuple(argv[2].split(",")) if len(argv) > 2 else MODELS
     rng = random.Random(seed)
-    jobs = [draw(rng, models) for _ in range(count)]
+    jobs = [(draw_wide if wide else draw)(rng, models) for _ in range(count)]
     errors: list[float] = []
     failures = refusals = 0
-    print(f"seed {seed}, {count} draws: plan against --exact (allocated peak)")
+    print(f"seed {seed}, {count} {'wide ' if wide else ''}draws: plan against --exact (allocated peak)")
     with ProcessPoolExecutor(2) as pool:
         for model, options, pct, failure, seconds in pool.map(compare, jobs):
             name = model.rsplit("/", 1)[-1]

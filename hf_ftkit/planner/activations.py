@@ -174,9 +174,11 @@ def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         per_target += g.in_features if inputs.lora_dropout > 0 else 0
         per_target += b * inputs.lora_r  # lora_A output, kept by lora_B
         if inputs.dora:
-            # the base output (with dropout, DoRA's own product in the adapter dtype) and the branch's result, both
-            # kept by the magnitude's multiplications
-            per_target += ((b if inputs.lora_dropout > 0 else c) + b) * g.out_features
+            # the base output (with dropout, DoRA's own product in the adapter dtype; without, the base layer's, which
+            # a 4-bit layer returns in its input's dtype: fp32 after the upcast) and the branch's result, both kept by
+            # the magnitude's multiplications
+            base = stream_bytes(inputs) if inputs.quantized_base and g.quantizable else c
+            per_target += ((b if inputs.lora_dropout > 0 else base) + b) * g.out_features
         saved += per_layer * per_target
     if not copied:  # one shared input per norm read: the attention's, the MLP's
         fed = [g for g in targets if g.name not in _SECOND_LINEARS]

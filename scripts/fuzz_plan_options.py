@@ -15,6 +15,7 @@ independent references are the published GPU set and DeepSpeed's estimators (`be
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
@@ -53,8 +54,10 @@ def draw(rng: random.Random, models: tuple[str, ...] = MODELS) -> tuple[str, dic
     return model, options
 
 
+@functools.cache
 def _spec(model: str) -> Any:
-    """The model's spec: the catalog's, or the hub config copied into benchmarks/architectures.py."""
+    """The model's spec, resolved once per process: the catalog's, or the hub config copied into
+    benchmarks/architectures.py."""
     from hf_ftkit.planner.resolve import resolve_model
     from hf_ftkit.planner.structure import spec_from_config
 
@@ -97,9 +100,11 @@ def draw_wide(rng: random.Random, models: tuple[str, ...] = MODELS) -> tuple[str
     return model, options
 
 
-def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float | None, str, float]:
-    """(model, options, plan's error against --exact in %, or None with the error, seconds)."""
+def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float | None, str, bool, float]:
+    """(model, options, plan's error against --exact in %, or None with the error and whether it is a one-sentence
+    refusal (PEFT refusing the adapter, as the run would: an answer, not a defect), seconds)."""
     warnings.simplefilter("ignore")
+    from hf_ftkit.errors import BadInputError
     from hf_ftkit.planner.api import plan
     from hf_ftkit.planner.inputs import PlanInputs
 
@@ -111,8 +116,9 @@ def compare(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any], float
         planned = plan(spec, inputs).allocated_peak_bytes
         exact = plan(spec, inputs, exact=True).allocated_peak_bytes
     except Exception as exc:  # the outcome to report: a defect, or a refusal the user would see
-        return model, options, None, f"{type(exc).__name__}: {str(exc)[:200]}", time.perf_counter() - start
-    return model, options, 100.0 * (planned - exact) / exact, "", time.perf_counter() - start
+        refused = isinstance(exc, BadInputError)
+        return model, options, None, f"{type(exc).__name__}: {str(exc)[:200]}", refused, time.perf_counter() - start
+    return model, options, 100.0 * (planned - exact) / exact, "", False, time.perf_counter() - start
 
 
 def main(argv: list[str]) -> int:
@@ -127,11 +133,9 @@ def main(argv: list[str]) -> int:
     failures = refusals = 0
     print(f"seed {seed}, {count} {'wide ' if wide else ''}draws: plan against --exact (allocated peak)")
     with ProcessPoolExecutor(2) as pool:
-        for model, options, pct, failure, seconds in pool.map(compare, jobs):
+        for model, options, pct, failure, refused, seconds in pool.map(compare, jobs):
             name = model.rsplit("/", 1)[-1]
             if pct is None:
-                # a one-sentence refusal (PEFT refusing the adapter, as the run would) is an answer, not a defect
-                refused = failure.startswith("BadInputError")
                 refusals += refused
                 failures += not refused
                 print(f"{'REFUSED' if refused else 'FAILED '} {name:16s} {json.dumps(options)}  {failure}")

@@ -201,7 +201,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     cache = 0.0
     if act.fp32_master(inputs) and inputs.shard in ("none", "ddp"):
         cache = 2.0 * (spec.params_linear + spec.params_lm_head + (spec.params_embedding if spec.tie_embeddings else 0))
-    if inputs.gradient_checkpointing:  # the adapters' copies too: without checkpointing they are in every layer's
+    if inputs.gradient_checkpointing:  # the adapters' copies too (without checkpointing: in each layer's saved set)
         cache += act.adapter_cast_bytes(spec, inputs)
     head_cast = act.head_cast_bytes(spec, inputs)
     return {

@@ -161,6 +161,13 @@ class PlanInputs:
         return "fp16" if self.precision == "fp16-mixed" else "bf16"
 
     @property
+    def distinct_micro_batches(self) -> int:
+        """The micro-batches of an optimizer step whose memory differs: the first (no gradient exists yet) and, with
+        accumulation, the second (the first's gradients stay, and its backward adds into them). Every later one
+        repeats the second, so the tracer and the allocator model run these alone."""
+        return min(self.gradient_accumulation_steps, 2)
+
+    @property
     def adapter_param_bytes(self) -> int:
         """Bytes per element of the adapter weights (``adapter_dtype``), and of their gradients."""
         return 4 if self.adapter_dtype == "fp32" else 2

@@ -68,6 +68,7 @@ def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> TracedLayers |
     """The single-device allocated peak extrapolated from traces of the model's first decoder layer and one more
     of each kind, or why torch/transformers (or PEFT, refusing the adapter) cannot trace this model here."""
     single = traced_inputs(inputs)
+    single = single.replace(gradient_accumulation_steps=single.distinct_micro_batches)  # what the trace runs
     payload = json.dumps({"v": CACHE_VERSION, "config": spec.config, "inputs": single.to_dict()}, sort_keys=True,
                          default=str)
     return _traced(hashlib.sha256(payload.encode()).hexdigest()[:24], payload)

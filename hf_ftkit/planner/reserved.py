@@ -260,7 +260,7 @@ class _Step:
         self.load_model()
         lengths = [inputs.seq_len, inputs.seq_len] if inputs.packing else [max(inputs.seq_len // 2, 1), inputs.seq_len]
         for seq in lengths:
-            for micro in range(min(inputs.gradient_accumulation_steps, 2)):
+            for micro in range(inputs.distinct_micro_batches):
                 self.micro_batch(inputs.batch_size * seq, seq, first=micro == 0)
             self.optimizer_step()
         return self.allocator

@@ -527,7 +527,8 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
 
     Sharding is not traced: the result is a single-device step (``gpus=1``). ``real=True`` runs the same step on
     real CPU tensors (random weights; it allocates everything, so small configs only and no 4-bit base): a
-    reference without FakeTensorMode. ``layers`` keeps only those decoder layers of the model.
+    reference without FakeTensorMode. ``layers`` keeps only those decoder layers of the model. With gradient
+    accumulation each step runs ``inputs.distinct_micro_batches`` micro-batches: later ones repeat the second.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -563,7 +564,7 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
             for step in range(steps):
                 # unpacked batches vary in length: the first step is a shorter one, as the reserved model assumes
                 seq = inputs.seq_len if inputs.packing or step else max(inputs.seq_len // 2, 1)
-                for _micro in range(inputs.gradient_accumulation_steps):  # earlier micro-batches' grads stay
+                for _micro in range(inputs.distinct_micro_batches):  # earlier micro-batches' grads stay
                     ids = torch.zeros((inputs.batch_size, seq), dtype=torch.long)
                     mask = padding_mask(ids, padded_batch(inputs))
                     with offload:  # TRL's offloading context spans the forward and the backward

@@ -3,6 +3,7 @@
 import pytest
 
 from hf_ftkit.errors import HfFtkitWarning
+from hf_ftkit.planner.allocator import replay
 from hf_ftkit.planner.api import plan
 from hf_ftkit.planner.estimate import estimate
 from hf_ftkit.planner.inputs import PlanInputs
@@ -220,6 +221,24 @@ def test_every_phase_of_the_traced_steps_has_its_peak(tiny_llama_config, accumul
     backwards = traced.phase_peaks[1::3][:accumulation]
     bottoms = traced.phase_peaks[2::3][:accumulation]
     assert all(0 < bottom <= whole for bottom, whole in zip(bottoms, backwards, strict=True))
+
+
+@pytest.mark.parametrize("changes", [{"method": "full", "gradient_checkpointing": True},
+                                     {"method": "lora", "optim": "adamw_torch_fused"}])
+def test_micro_batches_after_the_second_repeat_it(tiny_llama_config, monkeypatch, changes):
+    # the tracer and the allocator model run two micro-batches of an accumulating step (a Gemma 2 9B recipe at
+    # accumulation 16 traced 16 a step); real-tensor steps that run all four say the last two add nothing
+    config = config_from_dict(dict(tiny_llama_config))
+    inputs = PlanInputs(seq_len=64, batch_size=2, gradient_accumulation_steps=4, **changes)
+    assert inputs.distinct_micro_batches == 2
+    capped = trace_step(config, inputs, real=True)
+    monkeypatch.setattr(PlanInputs, "distinct_micro_batches", property(lambda i: i.gradient_accumulation_steps))
+    every = trace_step(config, inputs, real=True)
+    assert every.peak_bytes == capped.peak_bytes > 0
+    assert every.by_category == capped.by_category
+    assert replay(every.events).peak_reserved == replay(capped.events).peak_reserved
+    phases = every.phase_peaks[3 * 4 + 1:]  # the second step's: micro-batches 2, 3 and 4 alike
+    assert len(every.phase_peaks) == 2 * (3 * 4 + 1) and phases[3:6] == phases[6:9] == phases[9:12]
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

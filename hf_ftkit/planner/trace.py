@@ -150,6 +150,8 @@ def _make_4bit_class() -> Any:
     class Fake4bitLinear(torch.nn.Module):
         """Memory stand-in for ``bnb.nn.Linear4bit``: packed 4-bit weight + absmax, real bnb matmul."""
 
+        packed_4bit = True  # its weight holds packed bytes, as a Params4bit does (the fp32 upcast leaves it alone)
+
         def __init__(self, linear: torch.nn.Module, inputs: PlanInputs, block: int) -> None:
             super().__init__()
             out_f, in_f = cast(torch.Tensor, linear.weight).shape
@@ -272,7 +274,7 @@ def build_traced_model(config: Any, inputs: PlanInputs, layers: tuple[int, ...] 
                 # prepare_model_for_kbit_training runs before get_peft_model: every unquantized weight is fp32,
                 # the modules_to_save copies PEFT then makes of them included; it leaves Params4bit alone (the packed
                 # weights, which a bf16 quant_storage makes bf16 tensors)
-                packed = {id(m.weight) for m in model.modules() if type(m).__name__ == "Fake4bitLinear"}
+                packed = {id(m.weight) for m in model.modules() if getattr(m, "packed_4bit", False)}
                 for param in model.parameters():
                     if param.dtype in (torch.bfloat16, torch.float16) and id(param) not in packed:
                         param.data = param.data.float()

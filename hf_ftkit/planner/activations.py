@@ -72,6 +72,10 @@ def is_gated(spec: ModelSpec) -> bool:
 _SECOND_LINEARS = frozenset({"o_proj", "down_proj", "out_proj", "dense", "w2", "fc2", "c_proj", "dense_4h_to_h", "wo"})
 
 
+# Linears reading the attention's output (the names other projections share are left out)
+_ATTENTION_OUTPUTS = frozenset({"o_proj", "out_proj"})
+
+
 # Linears reading the attention's input norm (the rest of the norm-fed ones read the MLP's).
 _ATTENTION_INPUTS = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack",
                                "query", "key", "value", "q_a_proj", "kv_a_proj_with_mqa"})
@@ -118,25 +122,35 @@ def effective_attention(spec: ModelSpec, inputs: PlanInputs) -> str:
     return impl
 
 
+def cast_bytes(to: int, source: int) -> int:
+    """Bytes per element a cast keeps: none where it is to the dtype the tensor has (``.to`` returns the tensor).
+    Only fp32 has 4 bytes among the dtypes planned, so the sizes tell the dtypes apart."""
+    return 0 if to == source else to
+
+
 def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     c = compute_bytes(inputs)
     q, kv, heads = spec.q_dim, spec.kv_dim, spec.num_heads
+    # transformers' repeat_kv copies k and v to the query heads, except one kv head, which it expands in a view
+    repeated = kv if spec.num_kv_heads == 1 else q
     impl = effective_attention(spec, inputs)
-    if impl == "sdpa" and padded_batch(inputs):
-        # With a padding mask transformers repeats k and v to the query heads before SDPA (SDPA's own GQA is used
-        # only without a mask), and SDPA converts the boolean mask to the query dtype on every call; its kernel
-        # keeps that copy for the backward: (B, 1, S, S) per layer, S elements per token.
-        kv_saved = max(kv, q)
-        saved: float = c * inputs.seq_len
-    else:
-        kv_saved, saved = kv, 0.0
-    saved += c * q + 2 * c * kv_saved + c * q  # rotated q, rotated k, v (repeated or not), attention output
     if impl == "eager":
-        # scores are materialised: the fp32 softmax output and its cast to the compute dtype, per head and key
-        # position (in an fp32 step that cast returns the same tensor)
-        saved += 2 * c * q + (4 + (c if c != 4 else 0)) * heads * inputs.seq_len
+        # The two matmuls keep q, and k and v as they read them: repeated to the query heads (a single head's
+        # expanded view is copied by the matmul), never the unrepeated k and v. The softmax keeps its fp32 output
+        # and the matmul with v its cast to the compute dtype; the product with v is not kept: only a trained
+        # o_proj keeps the attention output, as its input (PEFT's branches keep their own copies: _lora_bytes).
+        saved: float = 3 * c * q + (4 + cast_bytes(c, 4)) * heads * inputs.seq_len
+        saved += 0 if inputs.is_peft else c * q
     else:
-        saved += 4 * heads  # log-sum-exp
+        if impl == "sdpa" and padded_batch(inputs):
+            # With a padding mask transformers repeats k and v before SDPA (SDPA's own GQA is used only without a
+            # mask), and SDPA converts the boolean mask to the query dtype on every call; its kernel keeps that
+            # copy for the backward: (B, 1, S, S) per layer, S elements per token.
+            kv_saved, saved = repeated, c * inputs.seq_len
+        else:
+            kv_saved, saved = kv, 0.0
+        # rotated q, k and v (repeated or not), the output and the log-sum-exp
+        saved += c * q + 2 * c * kv_saved + c * q + 4 * heads
     if spec.qk_norm:
         saved += 4.0 * (q + kv) + 4 * (heads + spec.num_kv_heads)
         if not inputs.is_peft:
@@ -161,17 +175,23 @@ def _mlp_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     return (2 if full else 1) * s * i
 
 
-def _lora_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
-    """What the adapter branches keep per layer: their (dropout) input and the rank-r projection."""
+def _lora_bytes(spec: ModelSpec, inputs: PlanInputs, attention_inputs: bool | None = None) -> float:
+    """What the adapter branches keep per layer: their (dropout) input and the rank-r projection; with
+    ``attention_inputs``, only those of the targets that do (True) or do not (False) read the attention's input."""
     c, b = compute_bytes(inputs), adapter_bytes(inputs)
     copied = adapter_input_copied(inputs)
-    targets = lora_targets(spec, inputs)
+    targets = [g for g in lora_targets(spec, inputs)
+               if attention_inputs is None or (g.name in _ATTENTION_INPUTS) == attention_inputs]
     saved = 0.0
+    # SDPA and flash attention keep their output, which o_proj reads through a view: an adapter reading it as it is
+    # keeps the same tensor (eager attention keeps no output: _attention_bytes)
+    kernel_output = effective_attention(spec, inputs) != "eager"
     for g in targets:
         per_layer = g.count / spec.num_layers
         # PEFT casts the input to the adapter dtype per target; lora_A keeps that copy (after dropout; under
         # autocast its low-precision cast), dropout keeps a one-byte mask
-        per_target = (b * g.in_features if copied or g.name in _SECOND_LINEARS else 0)
+        own_input = copied or (g.name in _SECOND_LINEARS and not (kernel_output and g.name in _ATTENTION_OUTPUTS))
+        per_target = b * g.in_features if own_input else 0
         per_target += g.in_features if inputs.lora_dropout > 0 else 0
         per_target += b * inputs.lora_r  # lora_A output, kept by lora_B
         if inputs.dora:
@@ -279,9 +299,11 @@ def backward_transient_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> f
     the dropout's gradient (measured against traced steps of 70B-shaped layers: tests/planner).
     Full fine-tuning: none on top; its saved-set terms already meet or exceed traced steps with the
     gradients in flight (they keep more per layer, and the weight gradients are counted as gradients).
+    Eager attention's softmax backward, with either method, where it holds more than these.
     """
+    eager = _eager_backward_bytes_per_token(spec, inputs)
     if not inputs.is_peft:
-        return 0.0
+        return eager
     c = compute_bytes(inputs)
     if spec.is_moe:
         wide = spec.experts_per_token * spec.moe_intermediate_size + spec.shared_expert_intermediate_size
@@ -293,7 +315,24 @@ def backward_transient_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> f
     drop = 1 if inputs.lora_dropout > 0 else 0
     for g in lora_targets(spec, inputs):
         transient = max(transient, (3 * c + cast + drop * a) * g.in_features)
-    return float(transient)
+    return float(max(transient, eager))
+
+
+def _eager_backward_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """Eager attention's backward, beyond what its layer saved: the softmax's backward holds its fp32 output, the
+    incoming gradient cast to fp32 and its own fp32 result at once, 12 bytes per head and key position, against the
+    output and its cast to the compute dtype counted as saved. By then the backward has freed the cast and all the
+    layer saved after the softmax: v, the attention output, the MLP's norm, the MLP and the adapters reading them.
+    At long sequences no other moment of a layer's backward holds as much (traced: tests/planner/test_trace.py)."""
+    if effective_attention(spec, inputs) != "eager":
+        return 0.0
+    c, h = compute_bytes(inputs), spec.hidden_size
+    later: float = c * spec.q_dim * (1 if inputs.is_peft else 2)  # repeated v; a trained o_proj's input
+    mlp_fed = norm_fed_linears_per_layer(spec) // 2  # the rest read the attention's norm: layer_bytes_per_token
+    later += norm_bytes(h, inputs, mlp_fed) + max(spec.norms_per_layer - 2, 0) * norm_bytes(h, inputs, 0)
+    later += _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs, attention_inputs=False)
+    saved = 4 + cast_bytes(c, 4)
+    return max(float((12 - saved) * spec.num_heads * inputs.seq_len - later), 0.0)
 
 
 @dataclass(frozen=True)
@@ -332,8 +371,12 @@ def padded_batch(inputs: PlanInputs) -> bool:
     return inputs.attn_implementation != "flash_attention_2"
 
 
-def attention_mask_bytes(inputs: PlanInputs) -> float:
-    """A padded batch gets a materialised (B, 1, S, S) boolean mask; packed/padding-free ones do not."""
-    if not padded_batch(inputs):
-        return 0.0
-    return float(inputs.batch_size) * inputs.seq_len * inputs.seq_len
+def attention_mask_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """The (B, 1, S, S) mask the model builds once for all its layers, where it outlives the forward: a padded
+    batch's boolean mask for SDPA (packed and padding-free batches get none); eager attention's additive mask in the
+    compute dtype, built for every batch, which checkpointing keeps (each checkpointed layer holds its inputs) and
+    nothing else does."""
+    square = float(inputs.batch_size) * inputs.seq_len * inputs.seq_len
+    if effective_attention(spec, inputs) == "eager":
+        return compute_bytes(inputs) * square if inputs.gradient_checkpointing else 0.0
+    return square if padded_batch(inputs) else 0.0

@@ -184,7 +184,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     logits = act.logits_bytes_per_token(spec, inputs)
     final_norm = act.norm_bytes(spec.hidden_size, inputs, 1) * tokens
     embed_out = act.stream_bytes(inputs) * spec.hidden_size * tokens
-    mask = act.attention_mask_bytes(inputs)
+    mask = act.attention_mask_bytes(spec, inputs)
     n = spec.num_layers
     if inputs.gradient_checkpointing:
         checkpoint = act.checkpoint_bytes_per_token(spec, inputs) * tokens

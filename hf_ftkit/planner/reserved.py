@@ -144,7 +144,7 @@ class _Step:
         c = act.compute_bytes(inputs)
         gc = inputs.gradient_checkpointing
         hidden = act.stream_bytes(inputs) * tokens * spec.hidden_size
-        mask = [self.alloc(act.attention_mask_bytes(inputs.replace(seq_len=seq)))]
+        mask = [self.alloc(act.attention_mask_bytes(spec, inputs.replace(seq_len=seq)))]
         gathered_bytes = c * spec.params_largest_layer if self.shards > 1 else 0.0
         saved: list[list[int]] = []
         h = [self.alloc(hidden)]

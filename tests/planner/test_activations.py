@@ -46,6 +46,10 @@ def _saved_bytes(config: dict, inputs: PlanInputs, layers: int, padded: bool = F
         {"method": "lora", "lora_dropout": 0.0},
         {"method": "lora", "lora_targets": "q_proj,v_proj", "lora_dropout": 0.0},
         {"method": "full", "precision": "bf16", "attn_implementation": "eager"},
+        {"method": "lora", "lora_dropout": 0.0, "attn_implementation": "eager"},
+        {"method": "lora", "precision": "bf16", "adapter_dtype": "bf16", "lora_dropout": 0.0},
+        {"method": "lora", "precision": "bf16", "adapter_dtype": "bf16", "lora_dropout": 0.0,
+         "attn_implementation": "eager"},
     ],
 )
 def test_layer_bytes_match_saved_tensors(tiny_llama_config, changes):
@@ -53,7 +57,26 @@ def test_layer_bytes_match_saved_tensors(tiny_llama_config, changes):
     traced = (_saved_bytes(tiny_llama_config, inputs, 2) - _saved_bytes(tiny_llama_config, inputs, 1)) / TOKENS
     spec = spec_from_config(dict(tiny_llama_config), "tiny")
     planned = act.layer_bytes_per_token(spec, inputs) + act.layer_constant_bytes(spec, inputs) / TOKENS
-    assert planned == pytest.approx(traced, rel=0.02)
+    assert planned == pytest.approx(traced, rel=0.01)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_attention_keeps_k_and_v_as_its_kernel_reads_them(tiny_llama_config, kv_heads, attention, method):
+    # eager attention keeps k and v repeated to the query heads (one kv head's expanded view copied by the matmul)
+    # and never the unrepeated ones, nor its product with v (only a trained o_proj keeps that, as its input). On a
+    # padded batch transformers repeats k and v for SDPA too, except a single kv head, which it expands in a view:
+    # the plan had counted the unrepeated k and v, and a LoRA step's attention output, on top (+4.9% against
+    # --exact for SmolLM2-360M QLoRA with eager attention; +0.9% for Gemma-3-1B's one kv head with SDPA)
+    config = {**tiny_llama_config, "num_key_value_heads": kv_heads}
+    inputs = PlanInputs(batch_size=2, seq_len=TOKENS, method=method, precision="bf16", lora_dropout=0.0,
+                        adapter_dtype="bf16", attn_implementation=attention)
+    tokens = inputs.batch_size * TOKENS
+    one, two = (_saved_bytes(config, inputs, n, padded=True) for n in (1, 2))
+    spec = spec_from_config(dict(config), "tiny")
+    planned = act.layer_bytes_per_token(spec, inputs) + act.layer_constant_bytes(spec, inputs) / tokens
+    assert planned == pytest.approx((two - one) / tokens, rel=0.005)
 
 
 QK_NORM = {"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8,

@@ -141,6 +141,8 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         # o_proj keeps the attention output, as its input (PEFT's branches keep their own copies: _lora_bytes).
         saved: float = 3 * c * q + (4 + cast_bytes(c, 4)) * heads * inputs.seq_len
         saved += 0 if inputs.is_peft else c * q
+        if spec.attn_logit_softcapping:  # Gemma 2's tanh(scores / cap) keeps its output, alive through the softmax
+            saved += c * heads * inputs.seq_len
     else:
         if impl == "sdpa" and padded_batch(inputs):
             # With a padding mask transformers repeats k and v before SDPA (SDPA's own GQA is used only without a

@@ -131,6 +131,11 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def attn_logit_softcapping(self) -> bool:
+        """Whether the attention soft-caps its scores (Gemma 2): through a tanh, whose output its backward keeps."""
+        return bool(_get(self.config, "attn_logit_softcapping"))
+
     def linear_names(self) -> list[str]:
         return sorted({g.name for g in self.linears})
 

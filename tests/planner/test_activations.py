@@ -68,7 +68,7 @@ GEMMA2 = {"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 704, 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_soft_capped_attention_keeps_its_tanh_output(method):
     # Gemma 2's eager attention caps its scores through tanh(scores / 50), whose output the backward keeps: a
-    # heads x seq^2 tensor per layer that the formulas left out (its 2B grid rows read 1.3% to 3.3% under --exact)
+    # heads x seq^2 tensor per layer that the formulas left out (its 2B grid rows read up to 3.3% under --exact)
     inputs = PlanInputs(seq_len=TOKENS, method=method, precision="bf16", lora_dropout=0.0, adapter_dtype="bf16",
                         attn_implementation="eager")
     uncapped = {**GEMMA2, "attn_logit_softcapping": None}

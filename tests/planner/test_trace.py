@@ -258,7 +258,7 @@ def test_eager_attention_keeps_one_softmax_output_in_an_fp32_step(tiny_llama_con
 def test_eager_attentions_backward_holds_three_fp32_score_tensors(tiny_llama_config, tiny_llama_spec, changes):
     # the softmax's backward holds its fp32 output, the incoming gradient cast to fp32 and its own fp32 result: 12
     # bytes per head and key position against the 6 the layer saved. The plan counted none of it (and, under
-    # checkpointing, not the additive mask the checkpointed layers keep): 11% to 49% under the trace here, and
+    # checkpointing, not the additive mask the checkpointed layers keep): 10% to 49% under the trace here, and
     # SmolLM2-360M QLoRA at 4,096 tokens with checkpointing 18.9% under --exact
     inputs = PlanInputs(attn_implementation="eager", seq_len=2048 // changes.get("batch_size", 1), optim="sgd",
                         **changes)

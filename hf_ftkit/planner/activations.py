@@ -131,8 +131,6 @@ def cast_bytes(to: int, source: int) -> int:
 def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     c = compute_bytes(inputs)
     q, kv, heads = spec.q_dim, spec.kv_dim, spec.num_heads
-    # transformers' repeat_kv copies k and v to the query heads, except one kv head, which it expands in a view
-    repeated = kv if spec.num_kv_heads == 1 else q
     impl = effective_attention(spec, inputs)
     if impl == "eager":
         # The two matmuls keep q, and k and v as they read them: repeated to the query heads (a single head's
@@ -147,8 +145,9 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         if impl == "sdpa" and padded_batch(inputs):
             # With a padding mask transformers repeats k and v before SDPA (SDPA's own GQA is used only without a
             # mask), and SDPA converts the boolean mask to the query dtype on every call; its kernel keeps that
-            # copy for the backward: (B, 1, S, S) per layer, S elements per token.
-            kv_saved, saved = repeated, c * inputs.seq_len
+            # copy for the backward: (B, 1, S, S) per layer, S elements per token. transformers' repeat_kv copies
+            # k and v to the query heads, except one kv head, which it expands in a view.
+            kv_saved, saved = (kv if spec.num_kv_heads == 1 else q), c * inputs.seq_len
         else:
             kv_saved, saved = kv, 0.0
         # rotated q, k and v (repeated or not), the output and the log-sum-exp
@@ -281,14 +280,20 @@ def dora_transient_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
 
 def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
     """Activations one decoder layer keeps per token without checkpointing."""
-    h = spec.hidden_size
     fed = norm_fed_linears_per_layer(spec)
     attn_fed = fed - fed // 2  # q,k,v (3 of 5) or fused qkv (1 of 2)
-    post_norms = max(spec.norms_per_layer - 2, 0)
-    total = norm_bytes(h, inputs, attn_fed) + norm_bytes(h, inputs, fed - attn_fed)
-    total += post_norms * norm_bytes(h, inputs, 0)
-    total += _attention_bytes(spec, inputs) + _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs)
-    return total
+    total = norm_bytes(spec.hidden_size, inputs, attn_fed) + _attention_bytes(spec, inputs)
+    total += _lora_bytes(spec, inputs, attention_inputs=True)
+    return total + _after_attention_bytes(spec, inputs)
+
+
+def _after_attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """What a layer keeps per token after its attention: the MLP's norm (with the rest of the norm-fed linears' input
+    casts), any further norms, the MLP and the adapters not reading the attention's input."""
+    h = spec.hidden_size
+    total = norm_bytes(h, inputs, norm_fed_linears_per_layer(spec) // 2)
+    total += max(spec.norms_per_layer - 2, 0) * norm_bytes(h, inputs, 0)
+    return total + _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs, attention_inputs=False)
 
 
 def backward_transient_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
@@ -328,11 +333,9 @@ def _eager_backward_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> floa
     At long sequences no other moment of a layer's backward holds as much (traced: tests/planner/test_trace.py)."""
     if effective_attention(spec, inputs) != "eager":
         return 0.0
-    c, h = compute_bytes(inputs), spec.hidden_size
-    later: float = c * spec.q_dim * (1 if inputs.is_peft else 2)  # repeated v; a trained o_proj's input
-    mlp_fed = norm_fed_linears_per_layer(spec) // 2  # the rest read the attention's norm: layer_bytes_per_token
-    later += norm_bytes(h, inputs, mlp_fed) + max(spec.norms_per_layer - 2, 0) * norm_bytes(h, inputs, 0)
-    later += _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs, attention_inputs=False)
+    c = compute_bytes(inputs)
+    # repeated v (and a trained o_proj's input), then all the layer keeps after its attention
+    later = c * spec.q_dim * (1 if inputs.is_peft else 2) + _after_attention_bytes(spec, inputs)
     saved = 4 + cast_bytes(c, 4)
     return max(float((12 - saved) * spec.num_heads * inputs.seq_len - later), 0.0)
 

@@ -236,17 +236,22 @@ def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
     """A tied embedding's gradient is made twice: the LM head's part (the first the backward makes) waits in
     autograd's input buffer until the embedding backward builds its dense vocabulary x hidden part, and the two
     are summed out of place before the sum becomes ``.grad``: three gradient-sized tensors at once, two beyond the
-    ``.grad`` the plan counts (seen op by op on real tensors: ``mm``, ``embedding_dense_backward``, ``add``)."""
+    ``.grad`` the plan counts (seen op by op on real tensors: ``mm``, ``embedding_dense_backward``, ``add``). On a
+    later micro-batch of an accumulated step the sum is added into a ``.grad`` that is already there: all three
+    are extra. This happens last in the backward, once every layer's activations are freed."""
     if not spec.tie_embeddings:
         return 0.0  # the fresh gradient simply becomes .grad; only a tied weight accumulates into lm_head's
     if inputs.is_peft:
         # PEFT's modules_to_save copies of tied embeddings are separate parameters (a deep copy each): the
         # trainable embedding's gradient becomes its .grad directly, and the frozen originals get none
         return 0.0
-    return 2 * (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
+    # DeepSpeed moves each gradient into its own buffers as it is made, leaving no .grad to add into
+    accumulating = inputs.gradient_accumulation_steps > 1 and inputs.shard in ("none", "ddp", "fsdp")
+    return (3 if accumulating else 2) * (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
 
 
-_PHASE_NAMES = {"backward_late": "backward", "backward_head": "backward", "forward_layer": "forward"}
+_PHASE_NAMES = {"backward_late": "backward", "backward_embedding": "backward", "backward_head": "backward",
+                "forward_layer": "forward"}
 
 
 def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = None,
@@ -271,8 +276,9 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
         "backward": (carried, phases["backward"], phases["backward_cache"] + sh.gathered),
         # once the LM head's backward has run: its gradient, the loss's gradients freed
         "backward_head": (max(carried, head_grad), phases["backward_head"], phases["backward_cache"] + sh.gathered),
-        "backward_late": (max(sh.gradients, carried), phases["layer"],
-                          sh.gathered + _embedding_grad_temp(spec, inputs)),
+        # the first layer's backward (the embedding's gradient not made yet), then the embedding's own
+        "backward_late": (max(sh.gradients, carried), phases["layer"], sh.gathered),
+        "backward_embedding": (max(sh.gradients, carried), 0.0, sh.gathered + _embedding_grad_temp(spec, inputs)),
         "optimizer": (sh.gradients, 0.0, sh.optimizer_step_temp),
     }
     phase, (grads, acts, transient) = max(candidates.items(), key=lambda kv: sum(kv[1]))

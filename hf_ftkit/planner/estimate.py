@@ -198,9 +198,13 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     kept += final_norm + mask
     # Autocast caches a low-precision copy of every fp32 weight for the whole forward. Sharded runs
     # (FSDP mixed-precision policy, DeepSpeed) already compute with 16-bit parameters: no cache.
-    cache = 0.0
+    cache = head_copy = 0.0
     if act.fp32_master(inputs) and inputs.shard in ("none", "ddp"):
-        cache = 2.0 * (spec.params_linear + spec.params_lm_head + (spec.params_embedding if spec.tie_embeddings else 0))
+        head_copy = 2.0 * (spec.params_lm_head or spec.params_embedding)
+        cache = 2.0 * spec.params_linear + head_copy
+    # the backward keeps the copies its layers saved; the LM head is never checkpointed, so its copy stays saved
+    # until its backward with checkpointing too
+    saved_copies = head_copy if inputs.gradient_checkpointing else cache
     if inputs.gradient_checkpointing:  # the adapters' copies too (without checkpointing: in each layer's saved set)
         cache += act.adapter_cast_bytes(spec, inputs)
     head_cast = act.head_cast_bytes(spec, inputs)
@@ -211,8 +215,11 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
         "forward_cache": cache,
         # the loss's gradients are freed before the first checkpointed layer is recomputed
         "backward": kept + max(logits.backward_peak * tokens, in_flight) + head_cast,
+        "backward_head_op": kept + head_cast,
+        "backward_head_cast": kept,  # the head's matmul has freed its weight's low-precision copy
         "backward_head": kept + in_flight + head_cast,
-        "backward_cache": 0.0 if inputs.gradient_checkpointing else cache,
+        "backward_cache": saved_copies,
+        "backward_cache_after_head": saved_copies - head_copy,
         # under checkpointing the layer is recomputed in the backward, DoRA's norm temporaries with it
         "layer": layer + (kept + max(in_flight, dora) if inputs.gradient_checkpointing else in_flight),
     }
@@ -245,13 +252,17 @@ def _embedding_grad_temp(spec: ModelSpec, inputs: PlanInputs) -> float:
         # PEFT's modules_to_save copies of tied embeddings are separate parameters (a deep copy each): the
         # trainable embedding's gradient becomes its .grad directly, and the frozen originals get none
         return 0.0
-    # DeepSpeed moves each gradient into its own buffers as it is made, leaving no .grad to add into
-    accumulating = inputs.gradient_accumulation_steps > 1 and inputs.shard in ("none", "ddp", "fsdp")
-    return (3 if accumulating else 2) * (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
+    return (3 if _adds_into_grad(inputs) else 2) * (4 if inputs.precision != "bf16" else 2) * spec.params_embedding
+
+
+def _adds_into_grad(inputs: PlanInputs) -> bool:
+    """Whether a later micro-batch's fresh gradients are made beside a ``.grad`` already there and then added into
+    it (DeepSpeed moves each gradient into its own buffers as it is made, leaving no ``.grad``)."""
+    return inputs.gradient_accumulation_steps > 1 and inputs.shard in ("none", "ddp", "fsdp")
 
 
 _PHASE_NAMES = {"backward_late": "backward", "backward_embedding": "backward", "backward_head": "backward",
-                "forward_layer": "forward"}
+                "backward_head_op": "backward", "backward_head_cast": "backward", "forward_layer": "forward"}
 
 
 def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = None,
@@ -269,26 +280,53 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
     carried = accumulated_gradients(states.gradients, sh.gradients, inputs)
     share = sh.gradients / states.gradients if states.gradients else 1.0
     head_grad = head_gradient_bytes(spec, inputs) * share  # made first in the backward
+    logits = act.logits_bytes_per_token(spec, inputs)
+    tokens = inputs.batch_size * inputs.seq_len
+    # the gradient of the logits, in the compute dtype, which the LM head's backward reads (fused loss: chunks);
+    # activation offloading keeps the fp32 log-probs it brought back from host memory until a later node's backward
+    grad_logits = 0.0
+    if logits.forward_peak:
+        per_logit = act.compute_bytes(inputs) + (4 if inputs.activation_offloading else 0)
+        grad_logits = float(per_logit * spec.vocab_size * tokens)
+    # An fp32 head under autocast makes its gradient in the compute dtype, then casts it to fp32 (once its matmul's
+    # backward has freed the logits' gradient and the weight's low-precision copy)
+    head_params = spec.params_lm_head or spec.params_embedding
+    fp32_head = inputs.autocast and head_params and head_gradient_bytes(spec, inputs) == 4 * head_params
+    low_grad = head_grad * act.compute_bytes(inputs) / 4 if fp32_head else 0.0
+    # A later micro-batch makes the head's fresh gradient beside the accumulated ones, then adds it into them; a
+    # tied head's part waits in autograd's input buffer for the embedding's part, through the whole backward
+    pending = 0.0
+    if _adds_into_grad(inputs):
+        pending = head_grad if spec.tie_embeddings and not inputs.is_peft else 0.0
+        at_matmul, at_head, after_head = carried + (low_grad or head_grad), carried + head_grad, carried + pending
+    else:
+        at_matmul, at_head = max(carried, low_grad or head_grad), max(carried, head_grad)
+        after_head = at_head
     candidates = {
         "forward": (carried, phases["forward"], fwd_transient + sh.gathered),
         "forward_layer": (carried, phases["forward_layer"],
                           fwd_transient + phases["forward_layer_transient"] + sh.gathered),
         "backward": (carried, phases["backward"], phases["backward_cache"] + sh.gathered),
+        # the LM head's backward making its gradient from the logits' one, then casting it to fp32
+        "backward_head_op": (at_matmul, phases["backward_head_op"] + grad_logits,
+                             phases["backward_cache"] + sh.gathered),
+        "backward_head_cast": (at_head, phases["backward_head_cast"],
+                               low_grad + phases["backward_cache_after_head"] + sh.gathered),
         # once the LM head's backward has run: its gradient, the loss's gradients freed
-        "backward_head": (max(carried, head_grad), phases["backward_head"], phases["backward_cache"] + sh.gathered),
+        "backward_head": (after_head, phases["backward_head"], phases["backward_cache_after_head"] + sh.gathered),
         # the first layer's backward (the embedding's gradient not made yet), then the embedding's own
-        "backward_late": (max(sh.gradients, carried), phases["layer"], sh.gathered),
+        "backward_late": (max(sh.gradients, carried) + pending, phases["layer"], sh.gathered),
         "backward_embedding": (max(sh.gradients, carried), 0.0, sh.gathered + _embedding_grad_temp(spec, inputs)),
         "optimizer": (sh.gradients, 0.0, sh.optimizer_step_temp),
     }
     phase, (grads, acts, transient) = max(candidates.items(), key=lambda kv: sum(kv[1]))
-    logits = act.logits_bytes_per_token(spec, inputs)
-    tokens = inputs.batch_size * inputs.seq_len
     logits_part = 0.0
     if phase == "forward":
         logits_part = logits.forward_peak * tokens
     elif phase == "backward":
         logits_part = logits.backward_peak * tokens
+    elif phase == "backward_head_op":
+        logits_part = grad_logits
     constants = load("constants")
     breakdown = {
         "weights": sh.weights,

@@ -70,10 +70,20 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def _tokenizer(gguf: Path, out: Path) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     _need_gguf()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    # the config too (GGUF metadata, no weights read), so the directory can be planned as the model is
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # as the converted model's own config.json says: its class, and fp32 weights (_convert)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.dtype = "float32"
+    config.save_pretrained(out)
 
 
 def _built(target: Path) -> bool:
@@ -81,7 +91,7 @@ def _built(target: Path) -> bool:
 
 
 def _has_tokenizer(target: Path) -> bool:
-    return (target / "tokenizer_config.json").is_file()
+    return (target / "tokenizer_config.json").is_file() and (target / "config.json").is_file()
 
 
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:
@@ -91,8 +101,8 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
 
 
 def smollm2_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
-    """Directory holding SmolLM2-135M-Instruct's real tokenizer and chat template: the converted model's when it is
-    built, else the tokenizer alone, read from the GGUF file on first use (~5 s; the whole conversion takes ~20 s)."""
+    """Directory holding SmolLM2-135M-Instruct's real tokenizer, chat template and config: the converted model's when
+    it is built, else those alone, read from the GGUF file on first use (~5 s; the whole conversion takes ~20 s)."""
     model = Path(cache_dir) if cache_dir else default_cache_dir()
     if _built(model):
         return model

@@ -266,7 +266,9 @@ def test_a_heterogeneous_config_is_planned_from_its_layers():
     assert any("decoder layers of each of its" in w for w in planned.warnings)
 
 
-MIXED_CASES = [pytest.param(m, c, marks=pytest.mark.slow if m == "jamba" else ())  # Mamba's reference scan is slow
+# Jamba: Mamba's reference scan is slow. The LoRA case of each runs in the whole suite only (half a minute of the
+# quick tier's three), its full fine-tuning case in both.
+MIXED_CASES = [pytest.param(m, c, marks=pytest.mark.slow if m == "jamba" or c["method"] == "lora" else ())
                for m in MIXED for c in ({"method": "full"}, {"method": "lora", "lora_dropout": 0.0,
                                                               "lora_targets": "q_proj,k_proj,v_proj,o_proj"})]
 

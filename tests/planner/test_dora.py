@@ -106,7 +106,7 @@ def test_autocast_is_off_only_for_adapters_at_precision_bf16():
     assert PlanInputs(method="qlora", precision="bf16").compute_dtype_name == "bf16"
 
 
-@pytest.mark.parametrize("method", ["qlora", "qdora"])
+@pytest.mark.parametrize("method", ["qlora", pytest.param("qdora", marks=pytest.mark.slow)])  # QDoRA: whole suite only
 @pytest.mark.parametrize(("adapter_dtype", "dropout", "kbit_upcast"),
                          [("fp32", 0.05, False), ("fp32", 0.0, False), ("bf16", 0.05, False), ("bf16", 0.0, True)])
 def test_a_4bit_base_without_autocast_matches_its_trace(method, adapter_dtype, dropout, kbit_upcast):

@@ -140,8 +140,10 @@ def test_short_full_fine_tuning_of_a_tied_vocabulary_plans_its_last_backward_and
 
 @pytest.mark.parametrize(("precision", "optim", "accumulation", "checkpointing", "seq_len"),
                          [("fp32", "sgd", 2, False, 128), ("bf16", "sgd", 2, True, 128),
-                          ("fp32", "adafactor", 2, True, 128), ("fp32", "sgd", 1, True, 1024),
-                          ("bf16", "paged_adamw_8bit", 1, True, 1024)])
+                          ("fp32", "adafactor", 2, True, 128),
+                          # eight layers at 1,024 tokens (a few seconds each): the whole suite only
+                          pytest.param("fp32", "sgd", 1, True, 1024, marks=pytest.mark.slow),
+                          pytest.param("bf16", "paged_adamw_8bit", 1, True, 1024, marks=pytest.mark.slow)])
 def test_a_tied_embeddings_gradient_is_summed_last_and_into_an_accumulated_one(precision, optim, accumulation,
                                                                                checkpointing, seq_len):
     # the sum happens once every layer's backward is done, so no layer's activations are alive with it (the plan
@@ -307,7 +309,7 @@ def test_eager_attentions_backward_holds_three_fp32_score_tensors(tiny_llama_con
     assert traced <= planned <= 1.03 * traced
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("qlora", marks=pytest.mark.slow)])  # 8 s: whole suite only
 def test_autocast_holds_the_adapters_copies_until_the_forward_returns(method):
     # under checkpointing the layers keep no adapter copies, but autocast's cache holds a bf16 copy of every fp32
     # A and B until the forward (the loss included) returns; at a high rank with a large vocabulary the step peaks

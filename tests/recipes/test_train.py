@@ -47,7 +47,7 @@ def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_
 
 
 @pytest.mark.slow
-def test_demo_recipe_end_to_end_on_smollm2(tmp_path):
+def test_demo_recipe_end_to_end_on_smollm2(tmp_path, demo_model_weights):
     out, data = tmp_path / "demo", tmp_path / "iso_dates"
     data.mkdir()
     source = ROOT / "recipes" / "data" / "iso_dates"

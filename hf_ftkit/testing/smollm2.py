@@ -71,12 +71,11 @@ def _convert(gguf: Path, out: Path) -> None:
 
 def _tokenizer(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     _need_gguf()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
     # the config too (GGUF metadata, no weights read), so the directory can be planned as the model is
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

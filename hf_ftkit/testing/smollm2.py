@@ -69,7 +69,7 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _tokenizer(gguf: Path, out: Path) -> None:
+def _tokenizer_and_config(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -89,7 +89,7 @@ def _built(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
-def _has_tokenizer(target: Path) -> bool:
+def _has_tokenizer_and_config(target: Path) -> bool:
     return (target / "tokenizer_config.json").is_file() and (target / "config.json").is_file()
 
 
@@ -105,7 +105,8 @@ def smollm2_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
     model = Path(cache_dir) if cache_dir else default_cache_dir()
     if _built(model):
         return model
-    return _build_once(model.with_name(f"{model.name}-tokenizer"), _has_tokenizer, "reading the tokenizer", _tokenizer)
+    return _build_once(model.with_name(f"{model.name}-tokenizer"), _has_tokenizer_and_config,
+                       "reading the tokenizer and config", _tokenizer_and_config)
 
 
 def _build_once(target: Path, ready: Callable[[Path], bool], what: str, build: Callable[[Path, Path], None]) -> Path:

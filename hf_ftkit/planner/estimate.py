@@ -279,7 +279,8 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
     fwd_transient = phases["forward_cache"]
     carried = accumulated_gradients(states.gradients, sh.gradients, inputs)
     share = sh.gradients / states.gradients if states.gradients else 1.0
-    head_grad = head_gradient_bytes(spec, inputs) * share  # made first in the backward
+    head_grad_unsharded = head_gradient_bytes(spec, inputs)
+    head_grad = head_grad_unsharded * share  # made first in the backward
     logits = act.logits_bytes_per_token(spec, inputs)
     tokens = inputs.batch_size * inputs.seq_len
     # the gradient of the logits, in the compute dtype, which the LM head's backward reads (fused loss: chunks);
@@ -291,7 +292,7 @@ def estimate(spec: ModelSpec, inputs: PlanInputs, budget_bytes: int | None = Non
     # An fp32 head under autocast makes its gradient in the compute dtype, then casts it to fp32 (once its matmul's
     # backward has freed the logits' gradient and the weight's low-precision copy)
     head_params = spec.params_lm_head or spec.params_embedding
-    fp32_head = inputs.autocast and head_params and head_gradient_bytes(spec, inputs) == 4 * head_params
+    fp32_head = inputs.autocast and head_params and head_grad_unsharded == 4 * head_params
     low_grad = head_grad * act.compute_bytes(inputs) / 4 if fp32_head else 0.0
     # A later micro-batch makes the head's fresh gradient beside the accumulated ones, then adds it into them; a
     # tied head's part waits in autograd's input buffer for the embedding's part, through the whole backward

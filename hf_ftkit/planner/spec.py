@@ -106,6 +106,8 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     sliding_window: int | None = None
     final_logit_softcapping: bool = False
+    # the attention soft-caps its scores (Gemma 2): through a tanh, whose output its backward keeps
+    attn_logit_softcapping: bool = False
     supports_sdpa: bool = True
     supports_flash_attn: bool = True
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -130,11 +132,6 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
-
-    @property
-    def attn_logit_softcapping(self) -> bool:
-        """Whether the attention soft-caps its scores (Gemma 2): through a tanh, whose output its backward keeps."""
-        return bool(_get(self.config, "attn_logit_softcapping"))
 
     def linear_names(self) -> list[str]:
         return sorted({g.name for g in self.linears})
@@ -186,4 +183,5 @@ def dims_from_config(cfg: Any) -> dict[str, Any]:
         "shared_expert_intermediate_size": int(_get(cfg, "shared_expert_intermediate_size") or 0),
         "sliding_window": _get(cfg, "sliding_window"),
         "final_logit_softcapping": bool(_get(cfg, "final_logit_softcapping")),
+        "attn_logit_softcapping": bool(_get(cfg, "attn_logit_softcapping")),
     }

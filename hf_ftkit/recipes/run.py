@@ -72,9 +72,10 @@ def train(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, res
                                 f"{output_dir}/checkpoint-N or use --resume for the last one.")
         _prepare_output(output_dir, overwrite=False, resume=True)
         checkpoint: str | None = str(wanted)
+        replaced: list[Path] = []
     else:
-        checkpoint = _prepare_output(output_dir, overwrite=overwrite, resume=resume or bool(wanted))
-    return _Run(recipe, planned, output_dir, source, checkpoint).execute()
+        checkpoint, replaced = _prepare_output(output_dir, overwrite=overwrite, resume=resume or bool(wanted))
+    return _Run(recipe, planned, output_dir, source, checkpoint, replaced).execute()
 
 
 def _check_machine(recipe: Recipe) -> None:
@@ -87,34 +88,48 @@ def _check_machine(recipe: Recipe) -> None:
                             f"add --use_cpu true --{precision} false.")
 
 
-def _prepare_output(output_dir: Path, *, overwrite: bool, resume: bool) -> str | None:
-    """The checkpoint to resume from; refuses a folder holding another run unless told what to do."""
+def _prepare_output(output_dir: Path, *, overwrite: bool, resume: bool) -> tuple[str | None, list[Path]]:
+    """The checkpoint to resume from, and what ``--overwrite`` replaces: the earlier run's checkpoints, fallback
+    folders, merged model, summary and markers (other files stay). Refuses a folder holding another run unless told
+    what to do. Nothing is deleted here: :meth:`_Run.make_trainer` clears the list once the new run's data and model
+    have loaded, so a recipe that fails before training starts leaves the earlier run as it was."""
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if resume:
         if last is None:
             raise BadInputError(f"--resume: {output_dir} holds no checkpoint to resume from; run without --resume.")
-        return last
+        return last, []
     occupied = output_dir.is_dir() and (last is not None or any((output_dir / m).exists() for m in RUN_MARKERS))
     if occupied and not overwrite:
         raise BadInputError(f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
                             "it, or choose another output_dir.")
-    if occupied:
-        for entry in output_dir.iterdir():  # only what a run writes; other files stay
-            if entry.name.startswith("checkpoint-") or entry.name.startswith("fallback-") or entry.name == "merged":
-                shutil.rmtree(entry)
-            elif entry.name in (*RUN_MARKERS, "forgetting.json", "forgetting.png"):
-                entry.unlink()
-    return None
+    if not occupied:
+        return None, []
+    return None, sorted(entry for entry in output_dir.iterdir() if _written_by_a_run(entry))
+
+
+def _written_by_a_run(entry: Path) -> bool:
+    if entry.is_dir() and not entry.is_symlink():
+        return entry.name.startswith(("checkpoint-", "fallback-")) or entry.name == "merged"
+    return entry.name in (*RUN_MARKERS, "forgetting.json", "forgetting.png")
+
+
+def _clear(entries: list[Path]) -> None:
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 class _Run:
     """One training run of a recipe (the trainer factory the runtime fallback calls)."""
 
     def __init__(self, recipe: Recipe, planned: RecipePlan, output_dir: Path, source: Path | str,
-                 checkpoint: str | None) -> None:
+                 checkpoint: str | None, replaced: list[Path]) -> None:
         self.recipe, self.planned, self.output_dir, self.checkpoint = recipe, planned, output_dir, checkpoint
+        self.replaced = replaced  # the earlier run's outputs, cleared once the first trainer is built
         self.source = source
         self.preemption = PreemptionCallback()
         self.forgetting: Any = None
@@ -184,6 +199,8 @@ class _Run:
         if hasattr(prepared, "__len__") and len(prepared) == 0:
             raise BadInputError(f"no training example is left after tokenizing: max_length {args.max_length} cuts off "
                                 "every completion (SFTTrainer drops fully masked examples); raise max_length.")
+        _clear(self.replaced)  # --overwrite: the new run has loaded, the earlier one goes
+        self.replaced = []
         return self.trainer
 
     def _forgetting_callback(self) -> Any:

@@ -23,10 +23,14 @@ def test_tiny_recipe_trains_merges_and_writes_every_output(tmp_path, tiny_model_
     monkeypatch.chdir(tiny_model_dir.parent)  # the recipe names the model by a relative path
     path = write_recipe(tmp_path / "r.yaml", model_name_or_path=tiny_model_dir.name, forgetting_data="stdlib",
                         forgetting_max_tokens=1024, merge=True, merge_dtype="fp32")
-    assert main(["train", "--config", str(path)]) == 0
+    out = tmp_path / "out"
+    _earlier_run(out)
+    assert main(["train", "--config", str(path), "--overwrite"]) == 0
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal width
     assert "before step 0: load" in printed and "forgetting baseline on 1,024 held-out tokens" in printed
-    out = tmp_path / "out"
+    # --overwrite replaced the earlier run's outputs and nothing else
+    assert not (out / "checkpoint-99").exists() and not (out / "fallback-1-qlora").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint-notes.txt").read_text() == "mine"
     summary = json.loads((out / "run_summary.json").read_text())
     change = summary["forgetting"]["final"]["bits_per_byte_delta_pct"]
     assert f"held-out bits per byte {change:+.1f}%" in printed  # beside the loss
@@ -70,10 +74,31 @@ def test_demo_recipe_end_to_end_on_smollm2(tmp_path, demo_model_weights):
         assert (out / name).is_file(), name
 
 
+def _earlier_run(out):
+    """An output folder holding an earlier run (a checkpoint, a fallback folder, a summary) and the user's files."""
+    (out / "checkpoint-99").mkdir(parents=True)
+    (out / "checkpoint-99" / "trainer_state.json").write_text("{}")
+    (out / "fallback-1-qlora").mkdir()
+    (out / "run_summary.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoint-notes.txt").write_text("mine")  # a file, not a run's checkpoint folder
+
+
 def test_max_length_that_cuts_every_completion_is_one_sentence(tmp_path, tiny_model_dir):
     path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tiny_model_dir), max_length=16)
     with pytest.raises(BadInputError, match="max_length 16 cuts off every completion"):
         train(load_recipe(path))
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_fails_before_training(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    _earlier_run(out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tiny_model_dir), max_length=16, output_dir=str(out))
+    with pytest.raises(BadInputError, match="max_length 16 cuts off every completion"):
+        train(load_recipe(path), overwrite=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "checkpoint-99" / "trainer_state.json").read_text() == "{}"
 
 
 @pytest.mark.slow

@@ -205,7 +205,9 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     # the backward keeps the copies its layers saved; the LM head is never checkpointed, so its copy stays saved
     # until its backward with checkpointing too
     saved_copies = head_copy if inputs.gradient_checkpointing else cache
-    if inputs.gradient_checkpointing:  # the adapters' copies too (without checkpointing: in each layer's saved set)
+    # the adapters' copies too (without checkpointing: in each layer's saved set); autocast caches casts of fp32
+    # leaves only, so 16-bit adapters in the other 16-bit dtype are cast anew at each use and kept by no cache
+    if inputs.gradient_checkpointing and inputs.adapter_dtype == "fp32":
         cache += act.adapter_cast_bytes(spec, inputs)
     head_cast = act.head_cast_bytes(spec, inputs)
     return {

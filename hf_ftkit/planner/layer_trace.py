@@ -32,7 +32,7 @@ from hf_ftkit.errors import first_line, raised_by, raised_in
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
-CACHE_VERSION = 13  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
+CACHE_VERSION = 14  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
 # 4: the fp32 upcast of a 4-bit base reaches its modules_to_save copies; 5: adapters at precision bf16 run without
 # autocast, and adapter_dtype; 6: the tracer runs without ModTracker's module hooks, whose reference cycles kept
 # module temporaries alive; 7: a padded batch is traced with its padding mask; 8: a 4-bit base at precision bf16
@@ -40,7 +40,7 @@ CACHE_VERSION = 13  # 3: the 4-bit stand-in returns its input dtype and replaces
 # not the first two layers alone; 10: that one more layer runs after the first of each kind; 11: extrapolated
 # phase by phase, and a stack of several kinds from a base holding one more layer of each; 12: activation
 # offloading traced as TRL runs it, Liger kernels left out of the trace; 13: a bf16 quant_storage traced, its packed
-# weights left out of the fp32 upcast
+# weights left out of the fp32 upcast; 14: with activation offloading a uniform stack's base holds two layers
 
 
 def validated(model_type: str) -> bool:
@@ -143,10 +143,14 @@ def _trace_kinds(config: dict[str, Any], inputs: PlanInputs,
         return list(trace_step(config_from_dict(config), inputs, layers=layers).phase_peaks)
 
     firsts = tuple(group[0] for group in kinds)
-    if len(kinds) == 1:  # a uniform stack: its first layer, and one more
-        more = kinds[0][1:]
-        per_run = [{"layers": len(more), "layer": more[0], "traced": trace((*firsts, more[0]))}] if more else []
-        return trace(firsts), per_run
+    if len(kinds) == 1:  # a uniform stack: its first layer (two with offloading), and one more
+        # activation offloading keeps at most two layers' saved tensors on the device: a second layer adds them, a
+        # third does not
+        lead = 2 if inputs.activation_offloading else 1
+        stack = kinds[0]
+        base_layers, more = tuple(stack[:lead]), stack[lead:]
+        per_run = [{"layers": len(more), "layer": more[0], "traced": trace((*base_layers, more[0]))}] if more else []
+        return trace(base_layers), per_run
     trained_from = _first_trained_layer(config, inputs, firsts)
     runs = [run for group in kinds for ahead in (True, False)
             if (run := [i for i in group[1:] if (i < trained_from) == ahead])]

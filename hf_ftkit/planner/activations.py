@@ -97,15 +97,17 @@ def lora_targets(spec: ModelSpec, inputs: PlanInputs) -> list[LinearGroup]:
     return [g for g in spec.linears if g.name in names]
 
 
-def norm_bytes(h: int, inputs: PlanInputs, fed_linears: int) -> float:
-    """One RMSNorm/LayerNorm over ``h`` features that feeds ``fed_linears`` linears, per token."""
+def norm_bytes(h: int, inputs: PlanInputs, fed_linears: int, fp32_scale: bool = False) -> float:
+    """One RMSNorm/LayerNorm over ``h`` features that feeds ``fed_linears`` linears, per token; ``fp32_scale``: the
+    norm multiplies its weight into the fp32 normalized value (Gemma, OLMo 2: ``ModelSpec.norm_scales_in_fp32``)."""
     c = compute_bytes(inputs)
     saved: float = 4.0 * h + 4  # fp32 upcast (kept by pow/mul) + rstd
     if inputs.use_liger_kernel:
         saved = c * h + 4  # Liger's kernel keeps the input in its dtype and rstd
     if not inputs.is_peft:
         master = fp32_master(inputs)
-        saved += (4 if (master or c == 4) else c) * h  # normalized value, for the norm weight's gradient
+        # the normalized value, for the norm weight's gradient
+        saved += (4 if (master or c == 4 or (fp32_scale and not inputs.use_liger_kernel)) else c) * h
         if fed_linears:
             # the input the linears keep for their weight grads; autocast makes one cast per linear
             saved += (fed_linears * 2 * h) if master else c * h
@@ -142,20 +144,18 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         if spec.attn_logit_softcapping:  # Gemma 2's tanh(scores / cap) keeps its output, alive through the softmax
             saved += c * heads * inputs.seq_len
     else:
-        if impl == "sdpa" and padded_batch(inputs):
-            # With a padding mask transformers repeats k and v before SDPA (SDPA's own GQA is used only without a
-            # mask), and SDPA converts the boolean mask to the query dtype on every call; its kernel keeps that
-            # copy for the backward: (B, 1, S, S) per layer, S elements per token. transformers' repeat_kv copies
-            # k and v to the query heads, except one kv head, which it expands in a view.
-            kv_saved, saved = (kv if spec.num_kv_heads == 1 else q), c * inputs.seq_len
-        else:
-            kv_saved, saved = kv, 0.0
-        # rotated q, k and v (repeated or not), the output and the log-sum-exp
-        saved += c * q + 2 * c * kv_saved + c * q + 4 * heads
+        # rotated q, k and v, the output and the log-sum-exp
+        saved = c * q + 2 * c * kv + c * q + 4 * heads
+        # With a mask transformers repeats k and v before SDPA (SDPA's own GQA is used only without one), and SDPA
+        # converts the boolean mask to the query dtype on every call; its kernel keeps that copy for the backward:
+        # (B, 1, S, S) per layer, S elements per token. transformers' repeat_kv copies k and v to the query heads,
+        # except one kv head, which it expands in a view.
+        repeated = kv if spec.num_kv_heads == 1 else q
+        saved += sdpa_masked_share(spec, inputs) * (c * inputs.seq_len + 2 * c * (repeated - kv))
     if spec.qk_norm:
         saved += 4.0 * (q + kv) + 4 * (heads + spec.num_kv_heads)
-        if not inputs.is_peft:
-            saved += c * (q + kv)
+        if not inputs.is_peft:  # the normalized value, in fp32 where the norm scales it in fp32
+            saved += (4 if spec.norm_scales_in_fp32 else c) * (q + kv)
     return saved
 
 
@@ -282,7 +282,7 @@ def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
     """Activations one decoder layer keeps per token without checkpointing."""
     fed = norm_fed_linears_per_layer(spec)
     attn_fed = fed - fed // 2  # q,k,v (3 of 5) or fused qkv (1 of 2)
-    total = norm_bytes(spec.hidden_size, inputs, attn_fed) + _attention_bytes(spec, inputs)
+    total = norm_bytes(spec.hidden_size, inputs, attn_fed, spec.norm_scales_in_fp32) + _attention_bytes(spec, inputs)
     total += _lora_bytes(spec, inputs, attention_inputs=True)
     return total + _after_attention_bytes(spec, inputs)
 
@@ -291,8 +291,8 @@ def _after_attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """What a layer keeps per token after its attention: the MLP's norm (with the rest of the norm-fed linears' input
     casts), any further norms, the MLP and the adapters not reading the attention's input."""
     h = spec.hidden_size
-    total = norm_bytes(h, inputs, norm_fed_linears_per_layer(spec) // 2)
-    total += max(spec.norms_per_layer - 2, 0) * norm_bytes(h, inputs, 0)
+    total = norm_bytes(h, inputs, norm_fed_linears_per_layer(spec) // 2, spec.norm_scales_in_fp32)
+    total += max(spec.norms_per_layer - 2, 0) * norm_bytes(h, inputs, 0, spec.norm_scales_in_fp32)
     return total + _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs, attention_inputs=False)
 
 
@@ -374,6 +374,19 @@ def padded_batch(inputs: PlanInputs) -> bool:
     if inputs.batch_size == 1 or inputs.packing or inputs.padding_free:
         return False
     return inputs.attn_implementation != "flash_attention_2"
+
+
+def sdpa_masked_share(spec: ModelSpec, inputs: PlanInputs) -> float:
+    """The share of decoder layers whose SDPA call gets a mask: every layer of a padded batch, else the layers whose
+    sliding window is not longer than the sequence (transformers hands SDPA ``is_causal`` instead of a sliding
+    mask only while the sequence is shorter than the window; packed and padding-free sequences get it too)."""
+    if effective_attention(spec, inputs) != "sdpa":
+        return 0.0
+    if padded_batch(inputs):
+        return 1.0
+    if not spec.sliding_window or inputs.seq_len < int(spec.sliding_window):
+        return 0.0
+    return spec.sliding_layers / spec.num_layers
 
 
 def attention_mask_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:

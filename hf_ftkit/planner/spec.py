@@ -100,11 +100,13 @@ class ModelSpec:
     params_largest_layer: int
     norms_per_layer: int = 2
     qk_norm: bool = False
+    norm_scales_in_fp32: bool = False  # norms multiply their weight in fp32 (Gemma): full FT keeps the value in fp32
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     sliding_window: int | None = None
+    sliding_layers: int = 0  # decoder layers whose attention is limited to the sliding window
     final_logit_softcapping: bool = False
     # the attention soft-caps its scores (Gemma 2): through a tanh, whose output its backward keeps
     attn_logit_softcapping: bool = False
@@ -182,6 +184,19 @@ def dims_from_config(cfg: Any) -> dict[str, Any]:
         "moe_intermediate_size": int(_get(cfg, "moe_intermediate_size") or (intermediate if experts else 0)),
         "shared_expert_intermediate_size": int(_get(cfg, "shared_expert_intermediate_size") or 0),
         "sliding_window": _get(cfg, "sliding_window"),
+        "sliding_layers": _sliding_layers(cfg),
         "final_logit_softcapping": bool(_get(cfg, "final_logit_softcapping")),
         "attn_logit_softcapping": bool(_get(cfg, "attn_logit_softcapping")),
     }
+
+
+def _sliding_layers(cfg: Any) -> int:
+    """How many decoder layers attend through the sliding window: those ``layer_types`` names so (Gemma 2 and 3,
+    Qwen2/3 with ``use_sliding_window``), else every layer when the config sets a window (Mistral, Mixtral, Phi-3
+    and Qwen3-MoE pick the sliding mask for all their layers whenever ``sliding_window`` is set)."""
+    if not _get(cfg, "sliding_window"):
+        return 0
+    types = _get(cfg, "layer_types")
+    if types is not None:
+        return sum(1 for t in types if t == "sliding_attention")
+    return int(_get(cfg, "num_hidden_layers"))

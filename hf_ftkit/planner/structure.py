@@ -244,11 +244,40 @@ def spec_from_model(model: Any, model_id: str) -> ModelSpec:
         norms_per_layer=sum(1 for m in norms if getattr(m, "weight", None) is not None and m.weight.shape[-1] == hidden)
         or 2,
         qk_norm=any(getattr(m, "weight", None) is not None and m.weight.shape[-1] != hidden for m in norms),
+        norm_scales_in_fp32=any(_scales_in_fp32(m) for m in norms if getattr(m, "weight", None) is not None
+                                and m.weight.shape[-1] == hidden),
         supports_sdpa=bool(getattr(model, "_supports_sdpa", True)),
         supports_flash_attn=bool(getattr(model, "_supports_flash_attn", True)),
         config=config.to_dict(),
         **dims,
     )
+
+
+def _scales_in_fp32(norm: Any) -> bool:
+    """Whether a 16-bit norm with a trained weight keeps its normalized value in fp32 for the weight's gradient
+    (Gemma multiplies the fp32 value by ``1 + weight``; Llama casts it to the input dtype first): run on the meta
+    device in bf16, it saves two fp32 tensors of its input's size (the upcast input and the normalized value)."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(norm).to(torch.bfloat16)
+    for param in probe.parameters():
+        param.requires_grad_(True)
+    hidden = probe.weight.shape[-1]
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[id(t.untyped_storage()) if not t.is_meta else id(t)] = t
+        return t
+
+    x = torch.empty((2, hidden), dtype=torch.bfloat16, device="meta", requires_grad=True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            probe(x)
+    except Exception:  # a norm that does not run alone on the meta device: planned as the common kind
+        return False
+    return sum(1 for t in saved.values() if t.dtype == torch.float32 and t.shape == x.shape) >= 2
 
 
 def spec_from_config(config: Any, model_id: str) -> ModelSpec:

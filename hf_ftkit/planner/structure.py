@@ -268,7 +268,7 @@ def _scales_in_fp32(norm: Any) -> bool:
     saved: dict[int, torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t.untyped_storage()) if not t.is_meta else id(t)] = t
+        saved[t._cdata] = t  # one entry per tensor, however often it is saved
         return t
 
     x = torch.empty((2, hidden), dtype=torch.bfloat16, device="meta", requires_grad=True)

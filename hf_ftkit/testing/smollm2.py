@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hf_ftkit._progress import status
 from hf_ftkit.errors import HfFtkitError
@@ -57,16 +58,20 @@ def _convert(gguf: Path, out: Path) -> None:
     _need_gguf()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict, and drop
-    # the GGUF quantization record so the copy loads (and re-quantizes) like any HF checkpoint.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict
+    model = AutoModelForCausalLM.from_config(_without_gguf_quantization(loaded.config), dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _without_gguf_quantization(config: Any) -> Any:
+    """The config without the GGUF file's quantization record, so the copy loads (and re-quantizes) like any HF
+    checkpoint."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 def _tokenizer_and_config(gguf: Path, out: Path) -> None:
@@ -76,9 +81,7 @@ def _tokenizer_and_config(gguf: Path, out: Path) -> None:
     _need_gguf()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
     # the config too (GGUF metadata, no weights read), so the directory can be planned as the model is
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = _without_gguf_quantization(AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
     # as the converted model's own config.json says: its class, and fp32 weights (_convert)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.dtype = "float32"

@@ -97,9 +97,11 @@ def lora_targets(spec: ModelSpec, inputs: PlanInputs) -> list[LinearGroup]:
     return [g for g in spec.linears if g.name in names]
 
 
-def norm_bytes(h: int, inputs: PlanInputs, fed_linears: int, fp32_scale: bool = False) -> float:
-    """One RMSNorm/LayerNorm over ``h`` features that feeds ``fed_linears`` linears, per token; ``fp32_scale``: the
-    norm multiplies its weight into the fp32 normalized value (Gemma, OLMo 2: ``ModelSpec.norm_scales_in_fp32``)."""
+def norm_bytes(spec: ModelSpec, inputs: PlanInputs, fed_linears: int) -> float:
+    """One of the model's RMSNorms/LayerNorms over its hidden features that feeds ``fed_linears`` linears, per
+    token. Where the norm multiplies its weight into the fp32 normalized value (Gemma, OLMo 2:
+    ``ModelSpec.norm_scales_in_fp32``) full fine-tuning keeps that fp32 value for the weight's gradient."""
+    h, fp32_scale = spec.hidden_size, spec.norm_scales_in_fp32
     c = compute_bytes(inputs)
     saved: float = 4.0 * h + 4  # fp32 upcast (kept by pow/mul) + rstd
     if inputs.use_liger_kernel:
@@ -139,10 +141,10 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         # expanded view is copied by the matmul), never the unrepeated k and v. The softmax keeps its fp32 output
         # and the matmul with v its cast to the compute dtype; the product with v is not kept: only a trained
         # o_proj keeps the attention output, as its input (PEFT's branches keep their own copies: _lora_bytes).
-        saved: float = 3 * c * q + (4 + cast_bytes(c, 4)) * heads * inputs.seq_len
+        saved: float = 3 * c * q + (4 + cast_bytes(c, 4)) * heads * attention_span(inputs)
         saved += 0 if inputs.is_peft else c * q
         if spec.attn_logit_softcapping:  # Gemma 2's tanh(scores / cap) keeps its output, alive through the softmax
-            saved += c * heads * inputs.seq_len
+            saved += c * heads * attention_span(inputs)
     else:
         # rotated q, k and v, the output and the log-sum-exp
         saved = c * q + 2 * c * kv + c * q + 4 * heads
@@ -151,7 +153,7 @@ def _attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
         # (B, 1, S, S) per layer, S elements per token. transformers' repeat_kv copies k and v to the query heads,
         # except one kv head, which it expands in a view.
         repeated = kv if spec.num_kv_heads == 1 else q
-        saved += sdpa_masked_share(spec, inputs) * (c * inputs.seq_len + 2 * c * (repeated - kv))
+        saved += sdpa_masked_share(spec, inputs) * (c * attention_span(inputs) + 2 * c * (repeated - kv))
     if spec.qk_norm:
         saved += 4.0 * (q + kv) + 4 * (heads + spec.num_kv_heads)
         if not inputs.is_peft:  # the normalized value, in fp32 where the norm scales it in fp32
@@ -282,7 +284,7 @@ def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
     """Activations one decoder layer keeps per token without checkpointing."""
     fed = norm_fed_linears_per_layer(spec)
     attn_fed = fed - fed // 2  # q,k,v (3 of 5) or fused qkv (1 of 2)
-    total = norm_bytes(spec.hidden_size, inputs, attn_fed, spec.norm_scales_in_fp32) + _attention_bytes(spec, inputs)
+    total = norm_bytes(spec, inputs, attn_fed) + _attention_bytes(spec, inputs)
     total += _lora_bytes(spec, inputs, attention_inputs=True)
     return total + _after_attention_bytes(spec, inputs)
 
@@ -290,9 +292,8 @@ def layer_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> float:
 def _after_attention_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
     """What a layer keeps per token after its attention: the MLP's norm (with the rest of the norm-fed linears' input
     casts), any further norms, the MLP and the adapters not reading the attention's input."""
-    h = spec.hidden_size
-    total = norm_bytes(h, inputs, norm_fed_linears_per_layer(spec) // 2, spec.norm_scales_in_fp32)
-    total += max(spec.norms_per_layer - 2, 0) * norm_bytes(h, inputs, 0, spec.norm_scales_in_fp32)
+    total = norm_bytes(spec, inputs, norm_fed_linears_per_layer(spec) // 2)
+    total += max(spec.norms_per_layer - 2, 0) * norm_bytes(spec, inputs, 0)
     return total + _mlp_bytes(spec, inputs) + _lora_bytes(spec, inputs, attention_inputs=False)
 
 
@@ -337,7 +338,7 @@ def _eager_backward_bytes_per_token(spec: ModelSpec, inputs: PlanInputs) -> floa
     # repeated v (and a trained o_proj's input), then all the layer keeps after its attention
     later = c * spec.q_dim * (1 if inputs.is_peft else 2) + _after_attention_bytes(spec, inputs)
     saved = 4 + cast_bytes(c, 4)
-    return max(float((12 - saved) * spec.num_heads * inputs.seq_len - later), 0.0)
+    return max(float((12 - saved) * spec.num_heads * attention_span(inputs) - later), 0.0)
 
 
 @dataclass(frozen=True)
@@ -376,25 +377,62 @@ def padded_batch(inputs: PlanInputs) -> bool:
     return inputs.attn_implementation != "flash_attention_2"
 
 
+def flattened_batch(inputs: PlanInputs) -> bool:
+    """Whether a micro-batch's sequences run as one row: TRL's padding-free batches, which its default packing (BFD)
+    uses too, concatenate them and restart the position ids at each sequence."""
+    return inputs.packing or inputs.padding_free
+
+
+def attention_span(inputs: PlanInputs) -> int:
+    """The key positions of a query's row: the sequence, or the whole micro-batch in a padding-free row."""
+    return inputs.batch_size * inputs.seq_len if flattened_batch(inputs) else inputs.seq_len
+
+
+def packed_row(inputs: PlanInputs) -> bool:
+    """Whether a padding-free row holds several sequences: transformers reads their restarting position ids and, for
+    SDPA and eager attention, builds a mask that keeps them apart (flash attention takes their boundaries instead)."""
+    if inputs.attn_implementation == "flash_attention_2":
+        return False
+    return inputs.packing or (inputs.padding_free and inputs.batch_size > 1)
+
+
+def masked_batch(inputs: PlanInputs) -> bool:
+    """Whether every attention layer gets a mask for SDPA: a padded batch, or a packed row."""
+    return padded_batch(inputs) or packed_row(inputs)
+
+
 def sdpa_masked_share(spec: ModelSpec, inputs: PlanInputs) -> float:
     """The share of decoder layers whose SDPA call gets a mask: every layer of a padded batch, else the layers whose
     sliding window is not longer than the sequence (transformers hands SDPA ``is_causal`` instead of a sliding
-    mask only while the sequence is shorter than the window; packed and padding-free sequences get it too)."""
+    mask only while the sequence is shorter than the window; a padding-free row of one sequence gets it too)."""
     if effective_attention(spec, inputs) != "sdpa":
         return 0.0
-    if padded_batch(inputs):
+    if masked_batch(inputs):
         return 1.0
-    if not spec.sliding_window or inputs.seq_len < int(spec.sliding_window):
+    if not spec.sliding_window or attention_span(inputs) < int(spec.sliding_window):
         return 0.0
     return spec.sliding_layers / spec.num_layers
 
 
 def attention_mask_bytes(spec: ModelSpec, inputs: PlanInputs) -> float:
-    """The (B, 1, S, S) mask the model builds once for all its layers, where it outlives the forward: a padded
-    batch's boolean mask for SDPA (packed and padding-free batches get none); eager attention's additive mask in the
-    compute dtype, built for every batch, which checkpointing keeps (each checkpointed layer holds its inputs) and
-    nothing else does."""
-    square = float(inputs.batch_size) * inputs.seq_len * inputs.seq_len
-    if effective_attention(spec, inputs) == "eager":
-        return compute_bytes(inputs) * square if inputs.gradient_checkpointing else 0.0
-    return square if padded_batch(inputs) else 0.0
+    """The masks the model builds once for all its layers, (B, 1, S, S) or a padding-free row's (1, 1, B·S, B·S),
+    where they outlive the forward: one per kind of attention layer the model holds (full, sliding window), as
+    transformers builds one for each.
+
+    SDPA gets boolean masks: a padded batch's or a packed row's, and a sliding window's wherever the sequence is not
+    shorter than the window (transformers cannot hand SDPA ``is_causal`` for it). Eager attention gets additive masks
+    in the compute dtype for every batch. Checkpointing keeps them all (each checkpointed layer holds its inputs);
+    without it only a padded batch's SDPA mask outlives the forward (a packed row's does not: traced)."""
+    square = float(inputs.batch_size) * inputs.seq_len * attention_span(inputs)
+    sliding = bool(spec.sliding_window) and spec.sliding_layers > 0
+    kinds = int(sliding) + int(spec.num_layers > (spec.sliding_layers if sliding else 0))
+    impl = effective_attention(spec, inputs)
+    if impl == "eager":
+        return compute_bytes(inputs) * square * kinds if inputs.gradient_checkpointing else 0.0
+    if impl != "sdpa":
+        return 0.0
+    if not inputs.gradient_checkpointing:
+        return square if padded_batch(inputs) else 0.0
+    if masked_batch(inputs):
+        return square * kinds
+    return square if sliding and attention_span(inputs) >= int(spec.sliding_window or 0) else 0.0

@@ -182,7 +182,7 @@ def _activation_phases(spec: ModelSpec, inputs: PlanInputs) -> dict[str, float]:
     in_flight = act.backward_transient_bytes_per_token(spec, inputs) * tokens
     dora = act.dora_transient_bytes(spec, inputs)  # while one layer's forward (or recomputed forward) runs
     logits = act.logits_bytes_per_token(spec, inputs)
-    final_norm = act.norm_bytes(spec.hidden_size, inputs, 1, spec.norm_scales_in_fp32) * tokens
+    final_norm = act.norm_bytes(spec, inputs, 1) * tokens
     embed_out = act.stream_bytes(inputs) * spec.hidden_size * tokens
     mask = act.attention_mask_bytes(spec, inputs)
     n = spec.num_layers

@@ -194,7 +194,10 @@ def inputs_from_training(
         )
         values["optim"] = str(getattr(args.optim, "value", args.optim))
         values["precision"] = plan_precision(method, bool(args.bf16), bool(args.fp16), _model_dtype(model))
-        values["packing"] = bool(getattr(args, "packing", False))
+        # TRL's BFD packing runs padding-free rows; its "wrapped" strategy cuts full-length rows that hold no padding,
+        # which the plan has no input for: planned as a padded batch (a mask it does not get), leaning to more
+        wrapped = getattr(args, "packing_strategy", "bfd") == "wrapped"
+        values["packing"] = bool(getattr(args, "packing", False)) and not wrapped
         values["padding_free"] = bool(getattr(args, "padding_free", False))
         values["use_liger_kernel"] = bool(getattr(args, "use_liger_kernel", False))
         gc_kwargs = (getattr(args, "activation_checkpointing_kwargs", None)

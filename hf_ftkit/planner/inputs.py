@@ -71,8 +71,12 @@ class PlanInputs:
     fsdp_strategy: FsdpStrategy = field(default="full_shard", metadata={"help": "FSDP sharding strategy."})
     offload: Offload = field(default="none", metadata={"help": "CPU offload: none, optimizer, params."})
     attn_implementation: AttnImpl = field(default="sdpa", metadata={"help": "sdpa, flash_attention_2, eager."})
-    packing: bool = field(default=False, metadata={"help": "Packed sequences (no padding mask)."})
-    padding_free: bool = field(default=False, metadata={"help": "Padding-free batches (no padding mask)."})
+    packing: bool = field(default=False, metadata={
+        "help": "TRL packing (BFD): each micro-batch runs as one padding-free row of packed sequences (no padding; "
+                "SDPA and eager attention get a mask over the row, flash attention none)."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "TRL padding-free batches: the micro-batch's sequences run as one row (no padding; SDPA and eager "
+                "attention get a mask over the row, flash attention none)."})
     activation_offloading: bool = field(default=False, metadata={
         "help": "Activations offloaded to host memory (with gradient checkpointing: the checkpointed inputs): "
                 "TRL's activation_offloading, or gradient_checkpointing_kwargs offload."})

@@ -32,7 +32,7 @@ from hf_ftkit.errors import first_line, raised_by, raised_in
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.spec import ModelSpec
 
-CACHE_VERSION = 14  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
+CACHE_VERSION = 15  # 3: the 4-bit stand-in returns its input dtype and replaces Conv1D, as bitsandbytes does;
 # 4: the fp32 upcast of a 4-bit base reaches its modules_to_save copies; 5: adapters at precision bf16 run without
 # autocast, and adapter_dtype; 6: the tracer runs without ModTracker's module hooks, whose reference cycles kept
 # module temporaries alive; 7: a padded batch is traced with its padding mask; 8: a 4-bit base at precision bf16
@@ -40,7 +40,8 @@ CACHE_VERSION = 14  # 3: the 4-bit stand-in returns its input dtype and replaces
 # not the first two layers alone; 10: that one more layer runs after the first of each kind; 11: extrapolated
 # phase by phase, and a stack of several kinds from a base holding one more layer of each; 12: activation
 # offloading traced as TRL runs it, Liger kernels left out of the trace; 13: a bf16 quant_storage traced, its packed
-# weights left out of the fp32 upcast; 14: with activation offloading a uniform stack's base holds two layers
+# weights left out of the fp32 upcast; 14: with activation offloading a uniform stack's base holds two layers;
+# 15: an unpacked batch holds no packed-sequence mask (as on real tensors), a packed one runs as a padding-free row
 
 
 def validated(model_type: str) -> bool:

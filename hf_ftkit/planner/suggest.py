@@ -50,7 +50,9 @@ def _candidates(inputs: PlanInputs) -> list[tuple[str, dict[str, object]]]:
     if not inputs.use_liger_kernel:
         out.append(("Liger fused linear cross-entropy", {"use_liger_kernel": True}))
     if padded_batch(inputs):  # the padding mask, its per-layer SDPA copies and k/v repeated to the query heads
-        out.append(("padding-free batches (TRL padding_free)", {"padding_free": True}))
+        # flash attention only: SDPA and eager would hold the padding-free row's (B·S)² mask instead
+        out.append(("padding-free batches with flash attention (TRL padding_free)",
+                    {"padding_free": True, "attn_implementation": "flash_attention_2"}))
     if inputs.batch_size > 1:
         for batch in sorted({max(1, inputs.batch_size // 2), 1}, reverse=True):
             if batch < inputs.batch_size and inputs.batch_size % batch == 0:

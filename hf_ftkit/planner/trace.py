@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from hf_ftkit._compat import enable_checkpointing
 from hf_ftkit._dtypes import to_torch
-from hf_ftkit.planner.activations import padded_batch
+from hf_ftkit.planner.activations import packed_row, padded_batch
 from hf_ftkit.planner.inputs import PlanInputs
 
 _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -354,6 +354,36 @@ def _grouped_mm_bf16_only() -> Iterator[None]:
         moe._can_use_grouped_mm = original
 
 
+@contextmanager
+def _unpacked_positions(unpacked: bool) -> Iterator[None]:
+    """Let transformers see that a traced batch holds one sequence per row (``unpacked``), as it does on real tensors.
+
+    Such a batch gets no position ids, so the model numbers every row 0..S-1. On real tensors transformers reads
+    those values, finds no packed sequences and hands SDPA ``is_causal`` instead of a mask (while no padding and no
+    sliding window needs one). Under FakeTensorMode it cannot read them, so it builds a (B, 1, S, S) packed-sequence
+    mask that a real step never holds: each checkpointed layer keeps it, and each recomputed layer's SDPA converts it
+    to the query dtype (3 x B x S^2 bytes above a real step's peak, seen against ``trace_step(real=True)``).
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover - transformers before its masking utilities
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None or not unpacked:  # a packed row: transformers builds its mask from the fake values too
+        yield
+        return
+
+    def no_packed_sequences(position_ids: Any) -> None:
+        return None
+
+    masking_utils.find_packed_sequence_indices = no_packed_sequences
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
 def _shared_parameters(model: Any) -> list[list[tuple[Any, str]]]:
     """The parameters several modules hold (tied input and output embeddings, also under PEFT's
     ``modules_to_save`` wrappers; a block shared between layers, as Zamba's), each as its holders."""
@@ -510,6 +540,21 @@ class _OffloadedActivations:
         self._reset()  # TRL waits for and drops what it still holds
 
 
+def batch_ids(inputs: PlanInputs, seq: int) -> tuple[Any, Any]:
+    """A micro-batch of ``seq``-token sequences and the position ids the collator passes with it: B rows, or TRL's
+    padding-free single row whose positions restart at each sequence, where SDPA or eager attention needs its mask
+    (a packed row of one micro-batch holds two sequences). Flash attention's varlen kernel keeps per token what it
+    keeps for B rows, and its stand-in here, SDPA without a mask, runs on B rows."""
+    import torch
+
+    if not packed_row(inputs):
+        return torch.zeros((inputs.batch_size, seq), dtype=torch.long), None
+    count = inputs.batch_size if inputs.batch_size > 1 or not inputs.packing else 2
+    lengths = [len(part) for part in torch.arange(inputs.batch_size * seq).chunk(count)]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return torch.zeros((1, inputs.batch_size * seq), dtype=torch.long), positions
+
+
 def padding_mask(ids: Any, padded: bool) -> Any:
     """The attention mask of a batch of ``ids`` the plan holds as padded: one padded position, so transformers
     builds the mask a padded batch gets (None for an unpadded batch). The tracer and the sharded benchmarks share it.
@@ -559,7 +604,8 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
         # GRAD, not as backward temporaries)
         tracker._track_module_params_and_buffers(model, install_grad_hooks=True)
         offload = _OffloadedActivations(model) if inputs.activation_offloading else nullcontext()
-        with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only(), _marking_bottom_layer(model, layers, tracker):
+        with tracker, _cuda_style_dropout(), _grouped_mm_bf16_only(), _unpacked_positions(not packed_row(inputs)), \
+                _marking_bottom_layer(model, layers, tracker):
             # Collect the young generations first, so that whatever reference cycles remain are collected at the
             # same points of every trace, from wherever the collector's counters stood.
             gc.collect(1)
@@ -567,11 +613,14 @@ def trace_step(config: Any, inputs: PlanInputs, steps: int = 2, *, real: bool = 
                 # unpacked batches vary in length: the first step is a shorter one, as the reserved model assumes
                 seq = inputs.seq_len if inputs.packing or step else max(inputs.seq_len // 2, 1)
                 for _micro in range(inputs.distinct_micro_batches):  # earlier micro-batches' grads stay
-                    ids = torch.zeros((inputs.batch_size, seq), dtype=torch.long)
+                    ids, positions = batch_ids(inputs, seq)
                     mask = padding_mask(ids, padded_batch(inputs))
                     with offload:  # TRL's offloading context spans the forward and the backward
                         with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
-                            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+                            # TRL's SFTTrainer passes use_cache=False (transformers turns the cache off under
+                            # checkpointing, and without it transformers reads no packing from the position ids)
+                            loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids,
+                                         use_cache=False).loss
                         tracker.end_phase()
                         tracker._mod_tracker.is_bw = True
                         loss.backward()

@@ -121,7 +121,7 @@ def test_a_padded_batch_keeps_repeated_kv_and_a_mask_copy_per_layer(tiny_llama_c
     assert spec.qk_norm == qk_norm
     planned = act.layer_bytes_per_token(spec, inputs) + act.layer_constant_bytes(spec, inputs) / tokens
     assert planned == pytest.approx((two - one) / tokens, rel=0.02)
-    unpadded = act.layer_bytes_per_token(spec, inputs.replace(packing=True))
+    unpadded = act.layer_bytes_per_token(spec, inputs.replace(batch_size=1))
     assert act.layer_bytes_per_token(spec, inputs) - unpadded == 2 * TOKENS + 2 * 2 * (256 - 64)
     assert act.layer_bytes_per_token(spec, inputs.replace(attn_implementation="flash_attention_2")) == unpadded
 
@@ -189,3 +189,36 @@ def test_the_spec_counts_the_layers_that_attend_through_a_sliding_window(config,
     small = {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8, "num_key_value_heads": 2,
              "vocab_size": 4096}
     assert spec_from_config({**small, **config}, "tiny").sliding_layers == sliding
+
+
+SLIDING_AND_FULL = ["sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize(("model_type", "changes", "a", "b", "extra"), [
+    # a window shorter than the sequence: transformers builds a boolean sliding mask, kept by every checkpointed layer
+    ("mistral", {"method": "full", "precision": "bf16"}, {"sliding_window": 64}, {"sliding_window": 1024}, 1),
+    ("gemma3_text", {"method": "lora"}, {"sliding_window": 64}, {"sliding_window": 1024}, 1),
+    # a model with both kinds of layer gets a mask for each: eager's bf16 additive ones, a padded batch's booleans
+    ("gemma3_text", {"method": "lora", "attn_implementation": "eager"}, {"layer_types": SLIDING_AND_FULL},
+     {"layer_types": ["sliding_attention"] * 2}, 2),
+    ("gemma3_text", {"method": "lora", "batch_size": 2}, {"layer_types": SLIDING_AND_FULL},
+     {"layer_types": ["sliding_attention"] * 2}, 1),
+])
+def test_checkpointed_layers_keep_a_mask_for_each_kind_of_attention_layer(model_type, changes, a, b, extra):
+    # the formulas counted one mask, for a padded batch or eager attention only: a sliding window's was left out, and
+    # so was the second of a model with full and sliding layers
+    from hf_ftkit.planner.estimate import estimate
+    from hf_ftkit.planner.trace import trace_step
+
+    base = {**GEMMA3, "model_type": model_type, "num_hidden_layers": 2, "layer_types": SLIDING_AND_FULL}
+    if model_type != "gemma3_text":
+        base = {k: v for k, v in base.items() if k not in ("head_dim", "query_pre_attn_scalar", "layer_types")}
+    inputs = PlanInputs(seq_len=512, gradient_checkpointing=True, **changes)
+    configs = [{**base, "sliding_window": 64, **c} for c in (a, b)]
+    traced = [trace_step(config_from_dict(dict(c)), inputs).peak_bytes for c in configs]
+    planned = [estimate(spec_from_config(dict(c), "tiny"), inputs).allocated_peak_bytes for c in configs]
+    expected = extra * inputs.batch_size * 512 * 512
+    # a model of both kinds also holds a second pair of rotary tables (its local and global RoPE): not planned
+    assert traced[0] - traced[1] == pytest.approx(expected, rel=0.15)
+    assert planned[0] - planned[1] == expected
+    assert planned[0] == pytest.approx(traced[0], rel=0.01)

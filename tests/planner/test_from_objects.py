@@ -215,3 +215,16 @@ def test_a_recipe_plans_the_attention_it_loads(tmp_path):
         assert rp.setup.inputs.attn_implementation == impl
         peaks[impl] = rp.plan.peak_bytes
     assert peaks["eager"] > peaks["sdpa"]
+
+
+@pytest.mark.parametrize(("fields", "packing", "padding_free"), [
+    ({"packing": True}, True, False),  # BFD, TRL's default: padding-free rows of packed sequences
+    ({"packing": True, "packing_strategy": "bfd_split"}, True, False),
+    ({"packing": True, "packing_strategy": "wrapped"}, False, False),  # full rows, no padding: planned padded
+    ({"padding_free": True}, False, True),
+])
+def test_trls_packing_strategy_decides_how_the_batch_is_planned(tmp_path, fields, packing, padding_free):
+    from trl import SFTConfig
+
+    inputs = inputs_from_training(SFTConfig(output_dir=str(tmp_path), use_cpu=True, **fields))
+    assert (inputs.packing, inputs.padding_free) == (packing, padding_free)

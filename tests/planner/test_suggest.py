@@ -28,11 +28,12 @@ def test_smaller_micro_batch_keeps_the_effective_batch():
         assert tip.changes["batch_size"] * tip.changes["gradient_accumulation_steps"] == 16
 
 
-def test_a_padded_batch_is_offered_padding_free_batches():
+def test_a_padded_batch_is_offered_padding_free_batches_with_flash_attention():
     spec = resolve_model("meta-llama/Llama-3.1-8B")
     padded = plan(spec, PlanInputs(method="lora", batch_size=4, seq_len=4096), budget="80GiB")
-    tip = next(t for t in suggest(spec, padded, limit=30) if t.changes == {"padding_free": True})
-    alt = estimate(spec, padded.inputs.replace(padding_free=True))
+    flat = {"padding_free": True, "attn_implementation": "flash_attention_2"}
+    tip = next(t for t in suggest(spec, padded, limit=30) if t.changes == flat)
+    alt = estimate(spec, padded.inputs.replace(**flat))
     assert tip.saves_bytes == padded.peak_bytes - alt.peak_bytes
     # allocated: the boolean mask, each layer's bf16 copy of it and k and v repeated from 8 to 32 heads
     tokens = 4 * 4096

@@ -41,10 +41,10 @@ def test_a_padded_batch_is_traced_with_its_mask(tiny_llama_config, tiny_llama_sp
     # copies and k and v repeated to the query heads, as the plan counts them
     config = config_from_dict(dict(tiny_llama_config))
     padded = PlanInputs(method=method, batch_size=4, seq_len=256)
-    packed = padded.replace(packing=True)
-    traced = trace_step(config, padded).peak_bytes - trace_step(config, packed).peak_bytes
+    flat = padded.replace(attn_implementation="flash_attention_2")  # traced as SDPA without a mask
+    traced = trace_step(config, padded).peak_bytes - trace_step(config, flat).peak_bytes
     planned = (estimate(tiny_llama_spec, padded).allocated_peak_bytes
-               - estimate(tiny_llama_spec, packed).allocated_peak_bytes)
+               - estimate(tiny_llama_spec, flat).allocated_peak_bytes)
     assert traced > 4 * 256 * 256  # more than the boolean mask alone
     assert planned == pytest.approx(traced, rel=0.1)
 
@@ -352,3 +352,34 @@ def test_qdora_without_dropout_keeps_the_4bit_output_in_the_upcast_stream_dtype(
     traced = trace_step(config_from_dict(dict(config)), inputs).peak_bytes
     planned = estimate(spec_from_config(dict(config), "small-llama"), inputs).allocated_peak_bytes
     assert planned == pytest.approx(traced, rel=0.02)
+
+
+@pytest.mark.parametrize("changes", [{"method": "lora"}, {"method": "full", "precision": "bf16"}])
+def test_an_unpacked_batch_is_traced_without_a_mask_as_on_real_tensors(tiny_llama_config, changes):
+    # under FakeTensorMode transformers cannot read the position ids, so it built a packed-sequence mask that a real
+    # step never holds; checkpointed layers kept it and each recomputed layer's SDPA converted it (3 x S^2 bytes)
+    config = config_from_dict(dict(tiny_llama_config))
+    inputs = PlanInputs(seq_len=512, gradient_checkpointing=True, **changes)
+    assert trace_step(config, inputs).peak_bytes == trace_step(config, inputs, real=True).peak_bytes
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_packed_row_is_traced_with_its_mask(tiny_llama_config, tiny_llama_spec, checkpointing):
+    # TRL's packing runs a micro-batch as one padding-free row whose position ids restart at each sequence: for SDPA
+    # transformers builds a (1, 1, B·S, B·S) mask from them, and each layer's SDPA keeps its bf16 copy and k and v
+    # repeated to the query heads; flash attention takes the sequence boundaries instead
+    config = config_from_dict(dict(tiny_llama_config))
+    packed = PlanInputs(method="lora", batch_size=2, seq_len=256, packing=True, gradient_checkpointing=checkpointing)
+    flash = packed.replace(attn_implementation="flash_attention_2")
+    peak = trace_step(config, packed).peak_bytes
+    traced = peak - trace_step(config, flash).peak_bytes
+    planned = (estimate(tiny_llama_spec, packed).allocated_peak_bytes
+               - estimate(tiny_llama_spec, flash).allocated_peak_bytes)
+    mask = 512 * 512
+    if checkpointing:  # the checkpointed layers keep the boolean mask through the step
+        assert traced >= mask and planned >= mask
+    else:
+        assert peak == trace_step(config, packed, real=True).peak_bytes  # transformers reads real positions alike
+        assert planned == pytest.approx(traced, rel=0.1)
+        assert traced > 2 * 512 * 512 * 2  # a bf16 copy of the row's mask per layer
+    assert estimate(tiny_llama_spec, packed).allocated_peak_bytes == pytest.approx(peak, rel=TOLERANCE)

@@ -135,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Notices that third-party libraries print on every run and that tell a user nothing they can act on; real
 # warnings are untouched, and --verbose shows these too.
-NOISE_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+NOISE_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+              # kernels >= 0.19, asked by bitsandbytes for its optional CPU kernel while the hub is offline
+              "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/"}
 NOISE_WARNINGS = (r".*is_gradient_checkpointing.* is deprecated",)  # PEFT reads the deprecated property
 
 

@@ -171,8 +171,9 @@ def test_moe_all_linear_lora_with_dropout_is_flagged_as_peft_refuses_it():
 
 @pytest.mark.slow
 def test_an_adapter_plan_follows_traced_layers_below_the_formulas_too(tmp_path, monkeypatch):
-    """GPT-NeoX's formulas over-count a LoRA step (+8 to +9%); its traced layers are right, and an adapter run's
-    candidate peaks all grow alike with depth, so the plan takes the traced figure down as well as up."""
+    """GPT-NeoX's formulas over-count a LoRA step (+3.8% at six layers, called without the cache as TRL calls it;
+    +8 to +9% with it); its traced layers are right, and an adapter run's candidate peaks all grow alike with depth,
+    so the plan takes the traced figure down as well as up."""
     monkeypatch.setenv("HF_FTKIT_CACHE", str(tmp_path))
     deep = {**config("gpt_neox"), "num_hidden_layers": 6}
     spec = spec_from_config(deep, "gpt_neox")
@@ -181,7 +182,7 @@ def test_an_adapter_plan_follows_traced_layers_below_the_formulas_too(tmp_path, 
         warnings.simplefilter("ignore", HfFtkitWarning)
         planned = plan(spec, inputs)
     traced = trace_step(config_from_dict(deep), inputs).peak_bytes
-    assert estimate(spec, inputs).allocated_peak_bytes > 1.05 * traced  # the formulas alone
+    assert estimate(spec, inputs).allocated_peak_bytes > 1.03 * traced  # the formulas alone
     assert planned.allocated_peak_bytes == pytest.approx(traced, rel=0.02)
     assert any(re.search(r"\(-[\d,]+ MiB against the formulas\)", w) for w in planned.warnings)
 

@@ -199,10 +199,11 @@ SLIDING_AND_FULL = ["sliding_attention", "full_attention"]
     ("mistral", {"method": "full", "precision": "bf16"}, {"sliding_window": 64}, {"sliding_window": 1024}, 1),
     ("gemma3_text", {"method": "lora"}, {"sliding_window": 64}, {"sliding_window": 1024}, 1),
     # a model with both kinds of layer gets a mask for each: eager's bf16 additive ones, a padded batch's booleans
-    ("gemma3_text", {"method": "lora", "attn_implementation": "eager"}, {"layer_types": SLIDING_AND_FULL},
-     {"layer_types": ["sliding_attention"] * 2}, 2),
-    ("gemma3_text", {"method": "lora", "batch_size": 2}, {"layer_types": SLIDING_AND_FULL},
-     {"layer_types": ["sliding_attention"] * 2}, 1),
+    # (whole suite only: 5 s)
+    pytest.param("gemma3_text", {"method": "lora", "attn_implementation": "eager"}, {"layer_types": SLIDING_AND_FULL},
+                 {"layer_types": ["sliding_attention"] * 2}, 2, marks=pytest.mark.slow),
+    pytest.param("gemma3_text", {"method": "lora", "batch_size": 2}, {"layer_types": SLIDING_AND_FULL},
+                 {"layer_types": ["sliding_attention"] * 2}, 1, marks=pytest.mark.slow),
 ])
 def test_checkpointed_layers_keep_a_mask_for_each_kind_of_attention_layer(model_type, changes, a, b, extra):
     # the formulas counted one mask, for a padded batch or eager attention only: a sliding window's was left out, and

@@ -100,7 +100,7 @@ def test_the_tracer_offloads_what_trls_own_class_offloads(lora, checkpointing):
     assert trl["offloaded"] > trl["kept"] > 0 and trl["stash"] > 0
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", pytest.param("lora", marks=pytest.mark.slow)])  # 6 s: whole suite only
 def test_offloading_with_checkpointing_frees_what_the_formulas_plan(method):
     # the formulas' saving rests on transformers' measured figure (tests/planner/test_estimate.py); the trace runs
     # TRL's offloading: both free every checkpointed input but a couple
@@ -115,7 +115,7 @@ def test_offloading_with_checkpointing_frees_what_the_formulas_plan(method):
     assert 0.99 * traced[True] <= planned <= 1.02 * traced[True]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", pytest.param("lora", marks=pytest.mark.slow)])  # 7 s: whole suite only
 def test_offloading_without_checkpointing_is_planned_from_traced_layers(method, tmp_path, monkeypatch):
     # TRL leaves on the device, in every layer, each storage saved twice in a row (RMSNorm's fp32 input) and
     # what a layer saves again (RoPE's cos and sin): the formulas planned this 9-21% high on these 8 layers

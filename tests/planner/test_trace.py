@@ -363,7 +363,7 @@ def test_an_unpacked_batch_is_traced_without_a_mask_as_on_real_tensors(tiny_llam
     assert trace_step(config, inputs).peak_bytes == trace_step(config, inputs, real=True).peak_bytes
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)])  # 5 s: whole suite
 def test_a_packed_row_is_traced_with_its_mask(tiny_llama_config, tiny_llama_spec, checkpointing):
     # TRL's packing runs a micro-batch as one padding-free row whose position ids restart at each sequence: for SDPA
     # transformers builds a (1, 1, B·S, B·S) mask from them, and each layer's SDPA keeps its bf16 copy and k and v

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from hf_ftkit.planner import activations as act
+from hf_ftkit.planner.estimate import estimate
 from hf_ftkit.planner.inputs import PlanInputs
 from hf_ftkit.planner.structure import config_from_dict, spec_from_config
-from hf_ftkit.planner.trace import build_traced_model
+from hf_ftkit.planner.trace import build_traced_model, trace_step
 
 TOKENS = 64
 
@@ -208,9 +209,6 @@ SLIDING_AND_FULL = ["sliding_attention", "full_attention"]
 def test_checkpointed_layers_keep_a_mask_for_each_kind_of_attention_layer(model_type, changes, a, b, extra):
     # the formulas counted one mask, for a padded batch or eager attention only: a sliding window's was left out, and
     # so was the second of a model with full and sliding layers
-    from hf_ftkit.planner.estimate import estimate
-    from hf_ftkit.planner.trace import trace_step
-
     base = {**GEMMA3, "model_type": model_type, "num_hidden_layers": 2, "layer_types": SLIDING_AND_FULL}
     if model_type != "gemma3_text":
         base = {k: v for k, v in base.items() if k not in ("head_dim", "query_pre_attn_scalar", "layer_types")}
